@@ -1,0 +1,590 @@
+//! Tests of the real server: started through `run` (or `serve`, where a test needs a handler of
+//! its own) on an ephemeral port and spoken to over HTTP. Log lines are the readiness signals,
+//! so no test sleeps.
+
+use super::*;
+use http_body_util::{BodyExt, Empty};
+use hyper::client::conn::http1 as client;
+use serde_json::{Value, json};
+use std::collections::{BTreeMap, BTreeSet};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{Notify, mpsc, oneshot};
+
+const BUILD: BuildInfo = BuildInfo {
+    version: "v1.2.3-test",
+    commit_hash: "0123456789abcdef0123456789abcdef01234567",
+    commit_time: "2026-11-26T21:55:00Z",
+    dirty: true,
+};
+
+#[tokio::test]
+async fn health_reports_the_build_and_the_uptime() {
+    let server = TestServer::start(&[]).await;
+    let res = request(server.addr, Method::GET, "/health").await;
+
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers()[header::CONTENT_TYPE], "application/json");
+    let health: Value = serde_json::from_str(res.body()).expect("JSON body");
+    let uptime = health["uptime"].as_str().expect("uptime is a string");
+    let seconds = uptime.strip_suffix('s').and_then(|s| s.parse::<f64>().ok());
+    assert!(
+        seconds.is_some(),
+        "uptime {uptime:?} is not like Go's 1.234s"
+    );
+    let expected = json!({
+        "status": "pass",
+        "version": "v1.2.3-test",
+        "uptime": uptime,
+        "lastCommitHash": "0123456789abcdef0123456789abcdef01234567",
+        "lastCommitTime": "2026-11-26T21:55:00Z",
+        "dirtyBuild": true,
+    });
+    assert_eq!(health, expected);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn openapi_yaml_is_served_with_the_build_version() {
+    let server = TestServer::start(&[]).await;
+    let res = request(server.addr, Method::GET, "/openapi.yaml").await;
+
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers()[header::CONTENT_TYPE], "application/yaml");
+    assert_eq!(res.headers()[header::ACCESS_CONTROL_ALLOW_ORIGIN], "*");
+    let served_version = "\n  version: \"v1.2.3-test\"\n";
+    assert!(res.body().contains(served_version), "info.version not set");
+    let as_written = res
+        .body()
+        .replacen(served_version, "\n  version: local\n", 1);
+    assert_eq!(as_written, include_str!("openapi.yaml"));
+    server.stop().await;
+}
+
+/// Fails when a route is added to `route` without being documented, or documented without
+/// existing: paths are compared with route's source, methods by asking the server.
+#[tokio::test]
+async fn openapi_documents_exactly_the_routes_that_exist() {
+    let documented = documented_routes();
+    let documented_paths: BTreeSet<&str> = documented.keys().map(String::as_str).collect();
+    assert_eq!(
+        documented_paths,
+        routed_paths(),
+        "paths in openapi.yaml vs route()"
+    );
+
+    let server = TestServer::start(&[]).await;
+    for (path, methods) in &documented {
+        for method in ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"] {
+            let res = request(server.addr, method.parse().expect("method"), path).await;
+            if methods.iter().any(|m| m == method) {
+                let status = res.status();
+                let routed =
+                    status != StatusCode::NOT_FOUND && status != StatusCode::METHOD_NOT_ALLOWED;
+                assert!(routed, "{method} {path} is documented but answers {status}");
+            } else {
+                assert_eq!(
+                    res.status(),
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "{method} {path}"
+                );
+                assert_eq!(
+                    res.headers()[header::ALLOW],
+                    methods.join(", "),
+                    "{method} {path}"
+                );
+                assert_eq!(res.body(), r#"{"error":"method not allowed"}"#);
+            }
+        }
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn unknown_paths_get_a_json_404() {
+    let server = TestServer::start(&[]).await;
+    let res = request(server.addr, Method::GET, "/nope").await;
+
+    assert_eq!(res.status(), StatusCode::NOT_FOUND);
+    assert_eq!(res.headers()[header::CONTENT_TYPE], "application/json");
+    assert_eq!(res.body(), r#"{"error":"not found"}"#);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_invalid_port_is_an_error_naming_it_and_nothing_is_bound() {
+    for bad in ["abc", "0", "-1", "70000", "8080 "] {
+        let (log_writer, _logs) = Logs::capture();
+        let bind = |_| -> io::Result<std::net::TcpListener> { panic!("bound with PORT={bad:?}") };
+        let getenv = |_: &str| Some(bad.to_owned());
+        let result = run(getenv, log_writer, std::future::pending(), BUILD, bind).await;
+        let expected = format!("invalid PORT {bad:?}: port must be between 1 and 65535");
+        assert_eq!(result.expect_err(bad).to_string(), expected);
+    }
+    let (log_writer, _logs) = Logs::capture();
+    let getenv = |_: &str| Some("abc".to_owned());
+    let result = run(
+        getenv,
+        log_writer,
+        std::future::pending(),
+        BUILD,
+        bind_ephemeral,
+    )
+    .await;
+    let message = result.expect_err("abc").to_string();
+    assert_eq!(
+        message,
+        r#"invalid PORT "abc": port must be between 1 and 65535"#
+    );
+}
+
+#[tokio::test]
+async fn port_defaults_to_8080_and_an_empty_port_counts_as_unset() {
+    for (port, expected) in [(None, 8080), (Some(""), 8080), (Some("9090"), 9090)] {
+        let (log_writer, _logs) = Logs::capture();
+        let (requested_tx, requested) = std::sync::mpsc::channel();
+        let bind = move |address: SocketAddr| {
+            requested_tx.send(address).expect("test is waiting");
+            bind_ephemeral(address)
+        };
+        let getenv = |_: &str| port.map(str::to_owned);
+        let stop_at_once = async { "test" };
+        run(getenv, log_writer, stop_at_once, BUILD, bind)
+            .await
+            .expect("server runs");
+        let requested = requested.recv().expect("bind was called");
+        assert_eq!(
+            requested,
+            SocketAddr::from(([0, 0, 0, 0], expected)),
+            "PORT={port:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn logs_are_json_lines_with_one_access_line_per_request() {
+    let server = TestServer::start(&[]).await;
+    let res = request(server.addr, Method::GET, "/health?verbose=1").await;
+    let body_bytes = res.body().len();
+    let lines = server.stop().await;
+
+    for line in &lines {
+        let timestamp = line["timestamp"].as_str().expect("timestamp");
+        assert!(
+            is_rfc3339_utc_with_fraction(timestamp),
+            "timestamp {timestamp}"
+        );
+        assert!(
+            line["level"].is_string() && line["message"].is_string(),
+            "{line}"
+        );
+    }
+    let messages: Vec<&str> = lines
+        .iter()
+        .map(|l| l["message"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        messages,
+        [
+            "server started",
+            "accessed",
+            "shutting down",
+            "server stopped"
+        ]
+    );
+    assert_eq!(lines[0]["port"], 8080);
+    assert_eq!(lines[0]["version"], "v1.2.3-test");
+    let access = &lines[1];
+    assert_eq!(access["level"], "INFO");
+    assert_eq!(access["method"], "GET");
+    assert_eq!(access["path"], "/health");
+    assert_eq!(access["query"], "verbose=1");
+    assert_eq!(access["ip"], "127.0.0.1");
+    assert_eq!(access["status"], 200);
+    assert_eq!(access["bytes"], body_bytes);
+    assert!(access["latency_us"].is_u64(), "latency_us in {access}");
+    assert_eq!(lines[2]["cause"], "SIGTERM");
+}
+
+#[tokio::test]
+async fn a_panicking_handler_gets_a_500_and_the_connection_keeps_serving() {
+    let handler = |req: Request<Incoming>| async move {
+        if req.uri().path() == "/panic" {
+            panic!("secret detail");
+        }
+        response(StatusCode::OK, "text/plain", "ok")
+    };
+    let mut server = ServeTest::start(handler).await;
+    let mut connection = connect(server.addr).await;
+
+    let res = send(&mut connection, Method::GET, "/panic").await;
+    assert_eq!(res.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(res.body(), r#"{"error":"internal server error"}"#);
+    let res = send(&mut connection, Method::GET, "/after").await;
+    assert_eq!((res.status(), res.body().as_str()), (StatusCode::OK, "ok"));
+
+    let panic = server.logs.wait_for("panic").await;
+    assert_eq!(panic["level"], "ERROR");
+    assert_eq!(panic["panic"], "secret detail");
+    let location = panic["location"].as_str().expect("location");
+    assert!(location.starts_with("main_test.rs:"), "location {location}");
+    assert_eq!(panic["span"]["method"], "GET");
+    assert_eq!(panic["span"]["path"], "/panic");
+    assert_eq!(server.logs.wait_for("accessed").await["status"], 500);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_lets_a_request_in_flight_finish() {
+    let (started_tx, mut started) = mpsc::unbounded_channel();
+    let release = Arc::new(Notify::new());
+    let handler = {
+        let release = release.clone();
+        move |_| {
+            let (started_tx, release) = (started_tx.clone(), release.clone());
+            async move {
+                started_tx.send(()).expect("test is waiting");
+                release.notified().await;
+                response(StatusCode::OK, "text/plain", "finished")
+            }
+        }
+    };
+    let mut server = ServeTest::start(handler).await;
+    let in_flight = tokio::spawn(request(server.addr, Method::GET, "/slow"));
+    started.recv().await.expect("handler started");
+
+    server.stop.send("SIGTERM").expect("server is running");
+    server.logs.wait_for("shutting down").await;
+    assert!(
+        TcpStream::connect(server.addr).await.is_err(),
+        "still accepting"
+    );
+    release.notify_one();
+
+    let res = in_flight.await.expect("client task");
+    assert_eq!(
+        (res.status(), res.body().as_str()),
+        (StatusCode::OK, "finished")
+    );
+    assert_eq!(res.headers()[header::CONNECTION], "close");
+    server.logs.wait_for("server stopped").await;
+    server.done.await.expect("serve returned");
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_closes_connections_still_open_after_the_grace_period() {
+    let (started_tx, mut started) = mpsc::unbounded_channel();
+    let handler = move |_| {
+        let started_tx = started_tx.clone();
+        async move {
+            started_tx.send(()).expect("test is waiting");
+            std::future::pending().await
+        }
+    };
+    let mut server = ServeTest::start(handler).await;
+    let mut connection = connect(server.addr).await;
+    let stuck = tokio::spawn(async move {
+        connection
+            .send_request(empty_request(Method::GET, "/"))
+            .await
+    });
+    started.recv().await.expect("handler started");
+
+    let shutdown_at = tokio::time::Instant::now();
+    server.stop.send("SIGTERM").expect("server is running");
+    server.done.await.expect("serve returned");
+    assert!(shutdown_at.elapsed() >= GRACE_PERIOD);
+    let warning = server
+        .logs
+        .wait_for("server stopped, closing connections still open")
+        .await;
+    assert_eq!(warning["open"], 1);
+    assert!(
+        stuck.await.expect("client task").is_err(),
+        "the stuck request was answered"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_that_never_finishes_its_headers_is_disconnected() {
+    let server = TestServer::start(&[]).await;
+    let mut stream = TcpStream::connect(server.addr).await.expect("connect");
+    stream
+        .write_all(b"GET /health HTTP/1.1\r\nHost: test\r\n")
+        .await
+        .expect("write");
+    let sent_at = tokio::time::Instant::now();
+
+    let mut received = Vec::new();
+    let _ = stream.read_to_end(&mut received).await; // EOF or reset: closed either way
+    assert!(sent_at.elapsed() >= HEADER_READ_TIMEOUT);
+    assert!(
+        !received.starts_with(b"HTTP/1.1 200"),
+        "served an incomplete request"
+    );
+    server.stop().await;
+}
+
+/// build.rs embeds the commit being built; checked against git itself where there is a repository.
+#[test]
+fn build_info_is_the_commit_being_built() {
+    let git = |args: &[&str]| {
+        let output = std::process::Command::new("git").args(args).output().ok()?;
+        output
+            .status
+            .success()
+            .then(|| String::from_utf8_lossy(&output.stdout).trim().to_owned())
+    };
+    let Some(head) = git(&["rev-parse", "HEAD"]) else {
+        eprintln!("no git repository: build.rs used GIT_COMMIT and friends");
+        return;
+    };
+    assert_eq!(env!("GIT_COMMIT"), head);
+    assert!(
+        is_rfc3339_utc(env!("GIT_COMMIT_TIME")),
+        "{}",
+        env!("GIT_COMMIT_TIME")
+    );
+    let status = git(&["status", "--porcelain", "--untracked-files=no"]).expect("git status");
+    assert_eq!(
+        env!("GIT_DIRTY"),
+        (!status.is_empty()).to_string(),
+        "dirty flag"
+    );
+}
+
+#[test]
+fn uptime_reads_like_a_go_duration() {
+    let cases = [
+        (0, "0s"),
+        (1_500, "1.5s"),
+        (61_001, "1m1.001s"),
+        (3_723_450, "1h2m3.45s"),
+        (7_200_000, "2h0m0s"),
+    ];
+    for (millis, expected) in cases {
+        assert_eq!(go_duration(Duration::from_millis(millis)), expected);
+    }
+}
+
+/// A server started through `run`, as `main` starts it, but on an ephemeral port.
+struct TestServer {
+    addr: SocketAddr,
+    logs: Logs,
+    stop: oneshot::Sender<&'static str>,
+    done: tokio::task::JoinHandle<Result<(), Error>>,
+}
+
+impl TestServer {
+    async fn start(env: &'static [(&'static str, &'static str)]) -> TestServer {
+        let (log_writer, logs) = Logs::capture();
+        let (stop, stopped) = oneshot::channel();
+        let (addr_tx, addr) = oneshot::channel();
+        let bind = move |requested| {
+            let listener = bind_ephemeral(requested)?;
+            let _ = addr_tx.send(listener.local_addr()?);
+            Ok(listener)
+        };
+        let getenv = |key: &str| {
+            env.iter()
+                .find(|(k, _)| *k == key)
+                .map(|(_, v)| v.to_string())
+        };
+        let shutdown = async { stopped.await.unwrap_or("test dropped") };
+        let done = tokio::spawn(run(getenv, log_writer, shutdown, BUILD, bind));
+        let addr = addr.await.expect("server bound a port");
+        TestServer {
+            addr,
+            logs,
+            stop,
+            done,
+        }
+    }
+
+    /// Sends SIGTERM's stand-in, waits until `run` returns Ok, and returns every line it logged.
+    async fn stop(mut self) -> Vec<Value> {
+        self.stop.send("SIGTERM").expect("server is running");
+        self.done.await.expect("run task").expect("run returned Ok");
+        std::iter::from_fn(|| self.logs.try_next()).collect()
+    }
+}
+
+/// The server loop `serve` with a test's own handler, logging as `run` does.
+struct ServeTest {
+    addr: SocketAddr,
+    logs: Logs,
+    stop: oneshot::Sender<&'static str>,
+    done: tokio::task::JoinHandle<()>,
+}
+
+impl ServeTest {
+    async fn start<H, F>(handler: H) -> ServeTest
+    where
+        H: Fn(Request<Incoming>) -> F + Clone + Send + 'static,
+        F: Future<Output = Response<Body>> + Send + 'static,
+    {
+        let (log_writer, logs) = Logs::capture();
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("bound address");
+        let (stop, stopped) = oneshot::channel();
+        let shutdown = async { stopped.await.unwrap_or("test dropped") };
+        let done =
+            tokio::spawn(serve(listener, handler, shutdown).with_subscriber(json_logs(log_writer)));
+        ServeTest {
+            addr,
+            logs,
+            stop,
+            done,
+        }
+    }
+
+    async fn stop(self) {
+        self.stop.send("SIGTERM").expect("server is running");
+        self.done.await.expect("serve returned");
+    }
+}
+
+fn bind_ephemeral(_requested: SocketAddr) -> io::Result<std::net::TcpListener> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+}
+
+/// The server's log lines, each checked to be exactly one JSON object on one line.
+struct Logs(mpsc::UnboundedReceiver<String>);
+
+impl Logs {
+    fn capture() -> (impl for<'w> MakeWriter<'w> + Send + Sync + 'static, Logs) {
+        let (lines_tx, lines) = mpsc::unbounded_channel();
+        (move || LineWriter(lines_tx.clone()), Logs(lines))
+    }
+
+    /// Reads lines until one has this message; the lines are the test's readiness signals.
+    async fn wait_for(&mut self, message: &str) -> Value {
+        loop {
+            let line = self.0.recv().await.expect("the server logged that line");
+            let line = parse_log_line(&line);
+            if line["message"] == message {
+                return line;
+            }
+        }
+    }
+
+    fn try_next(&mut self) -> Option<Value> {
+        self.0.try_recv().ok().map(|line| parse_log_line(&line))
+    }
+}
+
+fn parse_log_line(line: &str) -> Value {
+    let one_line = line.ends_with('\n') && line.matches('\n').count() == 1;
+    assert!(one_line, "not one line: {line:?}");
+    serde_json::from_str(line).unwrap_or_else(|err| panic!("not JSON ({err}): {line}"))
+}
+
+/// Sends each write of the logger (one whole line) to the test.
+struct LineWriter(mpsc::UnboundedSender<String>);
+
+impl io::Write for LineWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let _ = self.0.send(String::from_utf8_lossy(buf).into_owned());
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// One request on a new connection; the body comes back as text.
+async fn request(addr: SocketAddr, method: Method, path: &str) -> Response<String> {
+    send(&mut connect(addr).await, method, path).await
+}
+
+async fn connect(addr: SocketAddr) -> client::SendRequest<Empty<Bytes>> {
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    let (sender, connection) = client::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
+    tokio::spawn(connection);
+    sender
+}
+
+async fn send(
+    connection: &mut client::SendRequest<Empty<Bytes>>,
+    method: Method,
+    path: &str,
+) -> Response<String> {
+    let res = connection
+        .send_request(empty_request(method, path))
+        .await
+        .expect("response");
+    let (parts, body) = res.into_parts();
+    let body = body.collect().await.expect("body").to_bytes();
+    Response::from_parts(parts, String::from_utf8(body.to_vec()).expect("UTF-8 body"))
+}
+
+fn empty_request(method: Method, path: &str) -> Request<Empty<Bytes>> {
+    let mut req = Request::new(Empty::new());
+    *req.method_mut() = method;
+    *req.uri_mut() = path.parse().expect("path");
+    req.headers_mut()
+        .insert(header::HOST, HeaderValue::from_static("test"));
+    req
+}
+
+/// Methods by path, as openapi.yaml's `paths:` section lists them.
+fn documented_routes() -> BTreeMap<String, Vec<String>> {
+    let spec = include_str!("openapi.yaml");
+    let paths = spec.split("\npaths:\n").nth(1).expect("paths section");
+    let mut routes: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut path = String::new();
+    for line in paths
+        .lines()
+        .take_while(|line| line.is_empty() || line.starts_with(' '))
+    {
+        let indent = line.len() - line.trim_start().len();
+        match (indent, line.trim_start().strip_suffix(':')) {
+            (2, Some(key)) => path = key.to_owned(),
+            (4, Some(key)) if HTTP_METHODS.contains(&key) => routes
+                .entry(path.clone())
+                .or_default()
+                .push(key.to_uppercase()),
+            _ => {}
+        }
+    }
+    routes
+}
+
+const HTTP_METHODS: [&str; 8] = [
+    "get", "put", "post", "delete", "options", "head", "patch", "trace",
+];
+
+/// The path literals in `route`'s source.
+fn routed_paths() -> BTreeSet<&'static str> {
+    let source = include_str!("main.rs");
+    let route = source.split("\nasync fn route(").nth(1).expect("fn route");
+    let body = route.split("\n}\n").next().expect("end of fn route");
+    let literals = body.split('"').skip(1).step_by(2);
+    literals
+        .filter(|literal| literal.starts_with('/'))
+        .collect()
+}
+
+/// `2026-11-26T21:55:00Z`: RFC 3339 in UTC, as build.rs writes commit times.
+fn is_rfc3339_utc(text: &str) -> bool {
+    let pattern = "0000-00-00T00:00:00Z";
+    text.len() == pattern.len()
+        && text
+            .chars()
+            .zip(pattern.chars())
+            .all(|(c, p)| matches!((c, p), ('0'..='9', '0')) || c == p && p != '0')
+}
+
+/// `2026-11-26T21:55:00.123456Z`: what Fluent Bit's `%Y-%m-%dT%H:%M:%S.%L%z` parses.
+fn is_rfc3339_utc_with_fraction(text: &str) -> bool {
+    let Some((seconds, fraction)) = text.split_once('.') else {
+        return false;
+    };
+    let digits = fraction.strip_suffix('Z').unwrap_or_default();
+    is_rfc3339_utc(&format!("{seconds}Z"))
+        && (1..=9).contains(&digits.len())
+        && digits.bytes().all(|b| b.is_ascii_digit())
+}
