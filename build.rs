@@ -10,23 +10,16 @@ fn main() {
     for var in ["VERSION", "GIT_COMMIT", "GIT_COMMIT_TIME", "GIT_DIRTY"] {
         println!("cargo:rerun-if-env-changed={var}");
     }
+    watch_git_state();
     let version = env_or("VERSION", "local");
-    let (hash, time, dirty) = match git_commit() {
-        Some(commit) => commit,
-        None => {
-            let from_env = (env_or("GIT_COMMIT", ""), env_or("GIT_COMMIT_TIME", ""));
-            if from_env.0.is_empty() {
-                println!(
-                    "cargo:warning=no git repository and no GIT_COMMIT: /health reports no commit"
-                );
-            }
-            (
-                from_env.0,
-                from_env.1,
-                env_or("GIT_DIRTY", "false") == "true",
-            )
+    let (hash, time, dirty) = git_commit().unwrap_or_else(|| {
+        let hash = env_or("GIT_COMMIT", "");
+        if hash.is_empty() {
+            println!("cargo:warning=no git commit and no GIT_COMMIT: /health reports no commit");
         }
-    };
+        let dirty = env_or("GIT_DIRTY", "false") == "true";
+        (hash, env_or("GIT_COMMIT_TIME", ""), dirty)
+    });
     println!("cargo:rustc-env=VERSION={version}");
     println!("cargo:rustc-env=GIT_COMMIT={hash}");
     println!("cargo:rustc-env=GIT_COMMIT_TIME={time}");
@@ -62,18 +55,18 @@ fn git_commit() -> Option<(String, String, bool)> {
     Some((hash, time, dirty))
 }
 
-/// Reruns this script when a commit is made or a tracked file changes, and only then, so that
-/// `dirtyBuild` and the hash stay right across incremental builds without rebuilding every time.
+/// Reruns this script when HEAD moves (a commit, a checkout, a reset) or a tracked file changes,
+/// and only then, so that the hash and `dirtyBuild` stay right across incremental builds.
 fn watch_git_state() {
-    let git_dir = git(&["rev-parse", "--git-dir"]).unwrap_or_default();
-    let branch = git(&["symbolic-ref", "-q", "HEAD"]).unwrap_or_default();
-    let git_files = ["HEAD", "index", "packed-refs", &branch].map(|f| format!("{git_dir}/{f}"));
-    let tracked = git(&["ls-files"]).unwrap_or_default();
-    // Cargo reruns the script on every build while a watched path is missing: skip those.
-    for path in git_files.iter().map(String::as_str).chain(tracked.lines()) {
-        if std::path::Path::new(path).is_file() {
-            println!("cargo:rerun-if-changed={path}");
-        }
+    let Some(git_dir) = git(&["rev-parse", "--git-dir"]) else {
+        return;
+    };
+    // logs/HEAD is missing until the first commit: cargo then reruns the script on every build.
+    for file in ["HEAD", "index", "logs/HEAD"] {
+        println!("cargo:rerun-if-changed={git_dir}/{file}");
+    }
+    for tracked in git(&["ls-files"]).unwrap_or_default().lines() {
+        println!("cargo:rerun-if-changed={tracked}");
     }
 }
 
