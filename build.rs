@@ -27,10 +27,7 @@ fn main() {
 }
 
 fn env_or(key: &str, default: &str) -> String {
-    std::env::var(key)
-        .ok()
-        .filter(|v| !v.is_empty())
-        .unwrap_or_else(|| default.to_owned())
+    std::env::var(key).ok().filter(|v| !v.is_empty()).unwrap_or_else(|| default.to_owned())
 }
 
 /// The HEAD commit's hash, its time in UTC (RFC 3339) and whether tracked files differ from it.
@@ -44,13 +41,8 @@ fn git_commit() -> Option<(String, String, bool)> {
         "--date=format-local:%Y-%m-%dT%H:%M:%SZ",
         "--format=%cd",
     ])?;
-    let dirty = !git(&[
-        "--no-optional-locks",
-        "status",
-        "--porcelain",
-        "--untracked-files=no",
-    ])?
-    .is_empty();
+    let dirty =
+        !git(&["--no-optional-locks", "status", "--porcelain", "--untracked-files=no"])?.is_empty();
     watch_git_state();
     Some((hash, time, dirty))
 }

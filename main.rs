@@ -18,14 +18,14 @@ use hyper::body::{Body as _, Bytes, Incoming};
 use hyper::header::{self, HeaderValue};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper::{Method, Request, Response, StatusCode};
+use hyper::{Method, Request, Response, StatusCode, Uri};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tracing::instrument::WithSubscriber;
 use tracing::subscriber::NoSubscriber;
-use tracing::{Dispatch, Instrument, error, info, warn};
+use tracing::{Dispatch, error, info, warn};
 use tracing_subscriber::fmt::MakeWriter;
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -56,7 +56,7 @@ async fn main() -> ExitCode {
 }
 
 /// The build's version and last commit, embedded by build.rs; a parameter so tests choose it.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy)]
 struct BuildInfo {
     version: &'static str,
     commit_hash: &'static str,
@@ -136,8 +136,7 @@ fn handle_health(state: &State) -> Response<Body> {
 fn handle_openapi(state: &State) -> Response<Body> {
     let mut res = response(StatusCode::OK, "application/yaml", state.openapi.clone());
     let any_origin = HeaderValue::from_static("*");
-    res.headers_mut()
-        .insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, any_origin);
+    res.headers_mut().insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, any_origin);
     res
 }
 
@@ -153,11 +152,7 @@ fn openapi_document(version: &str) -> Bytes {
     let file = OpenApiFile::get("openapi.yaml").expect("openapi.yaml is embedded at build time");
     let quoted = serde_json::Value::from(version).to_string();
     let text = String::from_utf8_lossy(&file.data);
-    let text = text.replacen(
-        "\n  version: local\n",
-        &format!("\n  version: {quoted}\n"),
-        1,
-    );
+    let text = text.replacen("\n  version: local\n", &format!("\n  version: {quoted}\n"), 1);
     Bytes::from(text)
 }
 
@@ -173,8 +168,7 @@ async fn serve<H, F>(
 {
     let mut http = http1::Builder::new();
     // Without a timer, hyper silently ignores the header read timeout.
-    http.timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
+    http.timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
     let graceful = GracefulShutdown::new();
     let mut connections = JoinSet::new();
     let mut shutdown = pin!(shutdown);
@@ -203,15 +197,11 @@ async fn serve<H, F>(
     drop(listener);
     match tokio::time::timeout(GRACE_PERIOD, graceful.shutdown()).await {
         Ok(()) => info!("server stopped"),
-        Err(_) => warn!(
-            open = connections.len(),
-            "server stopped, closing connections still open"
-        ),
+        Err(_) => warn!(open = connections.len(), "server stopped, closing connections still open"),
     }
 }
 
 /// Middleware: one log line per request once its response is ready, with kickstart.go's fields.
-/// Lines logged while the handler runs carry its method and path in `span`.
 async fn access_log<H, F>(
     ip: IpAddr,
     req: Request<Incoming>,
@@ -223,10 +213,9 @@ where
 {
     let start = Instant::now();
     let (method, uri) = (req.method().clone(), req.uri().clone());
-    let span = tracing::info_span!("request", %method, path = uri.path());
-    let res = recover(handler(req)).instrument(span).await;
+    let res = REQUEST.scope((method.clone(), uri.clone()), recover(handler(req))).await;
     info!(
-        %method,
+        method = method.as_str(),
         path = uri.path(),
         query = uri.query().unwrap_or_default(),
         %ip,
@@ -238,24 +227,25 @@ where
     Ok(res)
 }
 
+tokio::task_local! {
+    /// The request a task is handling, so that the panic hook can say which one panicked.
+    static REQUEST: (Method, Uri);
+}
+
 /// Middleware: turns a panic in the handler into a 500 that reveals nothing, so the connection and
 /// the server keep serving. The panic hook (see `json_logs`) has logged it by then.
 async fn recover(handler: impl Future<Output = Response<Body>>) -> Response<Body> {
     let mut handler = pin!(handler);
     poll_fn(|cx| {
         catch_unwind(AssertUnwindSafe(|| handler.as_mut().poll(cx))).unwrap_or_else(|_| {
-            Poll::Ready(error_response(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal server error",
-            ))
+            Poll::Ready(error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal server error"))
         })
     })
     .await
 }
 
-/// JSON lines for a log collector: one object per line, an RFC 3339 UTC `timestamp`, event fields
-/// at the top level, and the request's span on lines logged while handling it. Panics are logged
-/// the same way.
+/// JSON lines for a log collector: one object per line, an RFC 3339 UTC `timestamp`, the event's
+/// fields at the top level. Panics are logged the same way.
 fn json_logs<W>(writer: W) -> Dispatch
 where
     W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
@@ -264,7 +254,6 @@ where
     let subscriber = tracing_subscriber::fmt()
         .json()
         .flatten_event(true)
-        .with_current_span(true)
         .with_span_list(false)
         .with_target(false)
         .with_writer(writer)
@@ -273,7 +262,8 @@ where
 }
 
 /// Installs, once per process, a panic hook that logs through tracing, so a panic becomes a JSON
-/// line with its message and location. Where no logger is in scope, the default hook prints it.
+/// line with its message, location and request. Where no logger is in scope, the default hook
+/// prints it.
 fn log_panics() {
     static INSTALL: Once = Once::new();
     INSTALL.call_once(|| {
@@ -282,11 +272,12 @@ fn log_panics() {
             if tracing::dispatcher::get_default(|logger| logger.is::<NoSubscriber>()) {
                 return default_hook(info);
             }
-            let message = info
-                .payload_as_str()
-                .unwrap_or("panic payload is not a string");
+            let message = info.payload_as_str().unwrap_or("panic payload is not a string");
             let location = info.location().map(ToString::to_string).unwrap_or_default();
-            error!(panic = message, location, "panic");
+            let request = REQUEST.try_with(|(method, uri)| (method.clone(), uri.clone())).ok();
+            let method = request.as_ref().map(|(method, _)| method.as_str());
+            let path = request.as_ref().map(|(_, uri)| uri.path());
+            error!(panic = message, location, method, path, "panic");
         }));
     });
 }
@@ -334,8 +325,7 @@ fn error_response(status: StatusCode, message: &str) -> Response<Body> {
 /// 405 with the `Allow` header that RFC 9110 requires.
 fn method_not_allowed(allow: &'static str) -> Response<Body> {
     let mut res = error_response(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
-    res.headers_mut()
-        .insert(header::ALLOW, HeaderValue::from_static(allow));
+    res.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
     res
 }
 
@@ -346,8 +336,7 @@ fn response(
 ) -> Response<Body> {
     let mut res = Response::new(Full::new(body.into()));
     *res.status_mut() = status;
-    res.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     res
 }
 
