@@ -41,8 +41,7 @@ fn git_commit() -> Option<(String, String, bool)> {
         "--date=format-local:%Y-%m-%dT%H:%M:%SZ",
         "--format=%cd",
     ])?;
-    let dirty =
-        !git(&["--no-optional-locks", "status", "--porcelain", "--untracked-files=no"])?.is_empty();
+    let dirty = !git(&["--no-optional-locks", "status", "--porcelain", "--untracked-files=no"])?.is_empty();
     watch_git_state();
     Some((hash, time, dirty))
 }

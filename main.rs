@@ -1,58 +1,63 @@
-//! kickstart: a minimal, production-shaped HTTP service in one file.
-//!
-//! Read it top to bottom: `main` wires the process into `run`, `run` wires the service, `route`
-//! lists the endpoints, then come the handlers, the server loop, the middleware and the helpers.
+//! kickstart: a minimal, production-shaped HTTP service in one file. Read it top to bottom: `main`,
+//! `run` (the wiring), `route` (the endpoints), the handlers, the server loop, middleware, helpers.
 
 use std::future::{Future, poll_fn};
 use std::net::{IpAddr, SocketAddr};
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::pin::pin;
-use std::process::ExitCode;
-use std::sync::{Arc, Once};
-use std::task::Poll;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-use std::{convert::Infallible, io};
+use std::{convert::Infallible, io, num::NonZero, ops::RangeInclusive, pin::pin, task::Poll};
 
-use http_body_util::Full;
+use fast_image_resize::Resizer;
+use http_body_util::{BodyExt, Full};
 use hyper::body::{Body as _, Bytes, Incoming};
 use hyper::header::{self, HeaderValue};
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
-use hyper::{Method, Request, Response, StatusCode, Uri};
+use hyper::{Method, Request, Response, StatusCode, Uri, server::conn::http1, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
-use tokio::task::JoinSet;
-use tracing::instrument::WithSubscriber;
-use tracing::subscriber::NoSubscriber;
-use tracing::{Dispatch, error, info, warn};
+use image::ImageFormat::{self, Gif, Jpeg, Png, WebP};
+use image::codecs::png::{CompressionType::Fast, FilterType::Adaptive, PngEncoder};
+use image::codecs::webp::WebPEncoder;
+use image::metadata::Orientation::{self, NoTransforms};
+use image::{DynamicImage, GrayImage, ImageDecoder, ImageError, ImageReader, RgbImage, Rgba};
+use jpeg_decoder::PixelFormat;
+use jpeg_encoder::ColorType;
+use tokio::{net::TcpListener, sync::Semaphore, task::JoinSet};
+use tracing::{Dispatch, error, info, instrument::WithSubscriber, subscriber::NoSubscriber, warn};
 use tracing_subscriber::fmt::MakeWriter;
 
-type Error = Box<dyn std::error::Error + Send + Sync>;
 type Body = Full<Bytes>;
+/// How a request is refused: the status and a message that names the problem.
+type Refusal = (StatusCode, String);
 
 /// A client that has not sent a whole request head by then is disconnected (Go's ReadHeaderTimeout).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long requests in flight at shutdown may take to finish before their connections are closed.
 const GRACE_PERIOD: Duration = Duration::from_secs(10);
+/// An upload slower than this is refused (408) instead of holding its place in the queue.
+const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the rest of a refused body is read and dropped, so that its client sees the 413.
+const LINGER_TIME: Duration = Duration::from_secs(5);
+/// The largest width or height /resize produces.
+const MAX_SIDE: u64 = 10_000;
+/// Resize requests admitted per core, working or waiting for a core; past them, 503.
+const QUEUE_PER_CORE: usize = 8;
 
 #[tokio::main]
-async fn main() -> ExitCode {
+async fn main() -> std::process::ExitCode {
     let build = BuildInfo {
         version: env!("VERSION"),
         commit_hash: env!("GIT_COMMIT"),
         commit_time: env!("GIT_COMMIT_TIME"),
         dirty: env!("GIT_DIRTY") == "true",
     };
+    log_panics();
     let getenv = |key: &str| std::env::var(key).ok();
-    let bind = std::net::TcpListener::bind;
-    match run(getenv, io::stdout, shutdown_signal(), build, bind).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("{err}");
-            ExitCode::FAILURE
-        }
+    if let Err(err) = run(getenv, io::stdout, shutdown_signal(), build, std::net::TcpListener::bind).await {
+        eprintln!("{err}");
+        return std::process::ExitCode::FAILURE;
     }
+    std::process::ExitCode::SUCCESS
 }
 
 /// The build's version and last commit, embedded by build.rs; a parameter so tests choose it.
@@ -64,40 +69,36 @@ struct BuildInfo {
     dirty: bool,
 }
 
-/// Reads the configuration, binds, and serves until `shutdown` resolves with its cause.
-///
-/// Everything from the outside world comes in as a parameter, so tests run the real server
-/// in-process: `bind` turns the address PORT asks for into a listener, and a test binds an
-/// ephemeral port instead.
-async fn run<W>(
-    getenv: impl Fn(&str) -> Option<String>,
-    log_writer: W,
-    shutdown: impl Future<Output = &'static str>,
-    build: BuildInfo,
+/// Reads the configuration, binds and serves until `shutdown` resolves with its cause. All it
+/// needs from the outside comes in as a parameter, so tests run the real server in-process.
+async fn run(
+    getenv: impl Fn(&str) -> Option<String>, log_writer: impl for<'w> MakeWriter<'w> + Send + Sync + 'static,
+    shutdown: impl Future<Output = &'static str>, build: BuildInfo,
     bind: impl FnOnce(SocketAddr) -> io::Result<std::net::TcpListener>,
-) -> Result<(), Error>
-where
-    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
-{
-    let port = parse_port(getenv("PORT"))?;
+) -> Result<(), String> {
+    let port = env_in_range(&getenv, "PORT", 8080, 1..=65535)? as u16;
+    let max_bytes = env_in_range(&getenv, "RESIZE_MAX_BYTES", 20 << 20, 1..=1 << 30)?;
+    let max_pixels = env_in_range(&getenv, "RESIZE_MAX_PIXELS", 50_000_000, 1..=1 << 32)?;
     let listener = bind(SocketAddr::from(([0, 0, 0, 0], port)))
-        .and_then(|listener| {
-            listener.set_nonblocking(true)?;
-            TcpListener::from_std(listener)
-        })
+        .and_then(|listener| listener.set_nonblocking(true).map(|()| listener))
+        .and_then(TcpListener::from_std)
         .map_err(|err| format!("listen on port {port}: {err}"))?;
+    let cores = std::thread::available_parallelism().map_or(1, NonZero::get);
     let state = Arc::new(State {
         build,
         started: Instant::now(),
         openapi: openapi_document(build.version),
+        max_bytes,
+        max_pixels,
+        resize_workers: Semaphore::new(cores),
+        resize_queue: Semaphore::new(cores * QUEUE_PER_CORE),
     });
-    async move {
+    let serving = async move {
         info!(port, version = build.version, "server started");
         serve(listener, move |req| route(req, state.clone()), shutdown).await;
         Ok(())
-    }
-    .with_subscriber(json_logs(log_writer))
-    .await
+    };
+    serving.with_subscriber(json_logs(log_writer)).await
 }
 
 /// What the handlers share, computed once at start-up.
@@ -105,15 +106,24 @@ struct State {
     build: BuildInfo,
     started: Instant,
     openapi: Bytes,
+    max_bytes: u64,
+    max_pixels: u64,
+    /// One permit per core: the images being decoded, resized or encoded.
+    resize_workers: Semaphore,
+    /// Resize requests admitted, working or waiting: it bounds the memory their bodies hold.
+    resize_queue: Semaphore,
 }
 
-/// The single source of truth for the endpoints; openapi.yaml documents exactly these, and a
-/// test fails when the two disagree.
+/// The single source of truth for the endpoints; a test checks that openapi.yaml agrees.
 async fn route(req: Request<Incoming>, state: Arc<State>) -> Response<Body> {
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/health") => handle_health(&state),
         (&Method::GET, "/openapi.yaml") => handle_openapi(&state),
+        (&Method::POST, "/resize") => handle_resize(req, &state)
+            .await
+            .unwrap_or_else(|(status, message)| error_response(status, &message)),
         (_, "/health" | "/openapi.yaml") => method_not_allowed("GET"),
+        (_, "/resize") => method_not_allowed("POST"),
         _ => error_response(StatusCode::NOT_FOUND, "not found"),
     }
 }
@@ -122,12 +132,8 @@ async fn route(req: Request<Incoming>, state: Arc<State>) -> Response<Body> {
 fn handle_health(state: &State) -> Response<Body> {
     let build = &state.build;
     let body = serde_json::json!({
-        "status": "pass",
-        "version": build.version,
-        "uptime": go_duration(state.started.elapsed()),
-        "lastCommitHash": build.commit_hash,
-        "lastCommitTime": build.commit_time,
-        "dirtyBuild": build.dirty,
+        "status": "pass", "version": build.version, "uptime": go_duration(state.started.elapsed()),
+        "lastCommitHash": build.commit_hash, "lastCommitTime": build.commit_time, "dirtyBuild": build.dirty,
     });
     response(StatusCode::OK, "application/json", body.to_string())
 }
@@ -135,13 +141,11 @@ fn handle_health(state: &State) -> Response<Body> {
 /// Serves openapi.yaml to any origin, so API tools running in a browser can load it.
 fn handle_openapi(state: &State) -> Response<Body> {
     let mut res = response(StatusCode::OK, "application/yaml", state.openapi.clone());
-    let any_origin = HeaderValue::from_static("*");
-    res.headers_mut().insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, any_origin);
+    res.headers_mut().insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));
     res
 }
 
-/// The OpenAPI document, compiled into the binary. The folder is the file itself: a folder
-/// holding it (the repository root) would have rust-embed walk `target/` on every build.
+/// openapi.yaml, compiled in. The folder is the file: the root would have rust-embed walk target/.
 #[derive(rust_embed::Embed)]
 #[folder = "openapi.yaml"]
 #[prefix = "openapi.yaml"]
@@ -150,28 +154,201 @@ struct OpenApiFile;
 /// openapi.yaml with `info.version` set to the build's version (quoted: "1.0" is not a number).
 fn openapi_document(version: &str) -> Bytes {
     let file = OpenApiFile::get("openapi.yaml").expect("openapi.yaml is embedded at build time");
-    let quoted = serde_json::Value::from(version).to_string();
-    let text = String::from_utf8_lossy(&file.data);
-    let text = text.replacen("\n  version: local\n", &format!("\n  version: {quoted}\n"), 1);
-    Bytes::from(text)
+    let quoted = serde_json::Value::from(version);
+    String::from_utf8_lossy(&file.data)
+        .replacen("version: local\n", &format!("version: {quoted}\n"), 1)
+        .into()
 }
 
-/// Serves HTTP/1.1 until `shutdown` resolves, then stops accepting and gives the requests in
-/// flight up to GRACE_PERIOD to finish; connections still open after that are closed.
-async fn serve<H, F>(
-    listener: TcpListener,
-    handler: H,
+/// Resizes the image in the body to fit inside `width`×`height`; openapi.yaml has the details.
+async fn handle_resize(req: Request<Incoming>, state: &State) -> Result<Response<Body>, Refusal> {
+    let query = req.uri().query().unwrap_or_default();
+    let job = Resize::parse(query, state.max_pixels).map_err(|message| (StatusCode::BAD_REQUEST, message))?;
+    let busy = |_| (StatusCode::SERVICE_UNAVAILABLE, "too many images in flight".to_owned());
+    let _admitted = state.resize_queue.try_acquire().map_err(busy)?;
+    let body = read_body(req, state.max_bytes).await?;
+    let _working = state.resize_workers.acquire().await.expect("the semaphore is never closed");
+    // The blocking thread logs to this request's logger; a panic there goes on to `recover` (500).
+    let logs = tracing::dispatcher::get_default(Dispatch::clone);
+    let work = move || tracing::dispatcher::with_default(&logs, || job.run(&body));
+    let done = tokio::task::spawn_blocking(work).await;
+    let (image, format) = done.unwrap_or_else(|err| std::panic::resume_unwind(err.into_panic()))?;
+    Ok(response(StatusCode::OK, format.to_mime_type(), image))
+}
+
+/// The whole body: 413 past `max_bytes`, announced or counted, and 408 when it comes too slowly.
+async fn read_body(req: Request<Incoming>, max_bytes: u64) -> Result<Vec<u8>, Refusal> {
+    // An announced length over the limit is refused before a byte is read: hyper sends no `100 Continue`
+    // and such a client sends no body.
+    let expects_continue = req.headers().contains_key(header::EXPECT);
+    let (mut body, mut data) = (req.into_body(), Vec::new());
+    let read_all = async {
+        while data.len() as u64 + body.size_hint().lower() <= max_bytes {
+            let Some(frame) = body.frame().await else { return Ok(true) };
+            data.extend_from_slice(&frame?.into_data().unwrap_or_default());
+        }
+        Ok::<_, hyper::Error>(false)
+    };
+    let outcome = tokio::time::timeout(BODY_READ_TIMEOUT, read_all).await;
+    match outcome {
+        Err(_) => Err((StatusCode::REQUEST_TIMEOUT, "the body came too slowly".into())),
+        Ok(Err(err)) => Err((StatusCode::BAD_REQUEST, format!("reading the body: {err}"))),
+        Ok(Ok(true)) if data.is_empty() => Err((StatusCode::BAD_REQUEST, "empty body".into())),
+        Ok(Ok(true)) => Ok(data),
+        Ok(Ok(false)) => {
+            // Drop what the client still sends, for a while, so it sees the 413: nginx's lingering close.
+            if !(expects_continue && data.is_empty()) {
+                let discard = async move { while let Some(Ok(_)) = body.frame().await {} };
+                tokio::spawn(tokio::time::timeout(LINGER_TIME, discard));
+            }
+            let message = format!("body over the limit of {max_bytes} bytes");
+            Err((StatusCode::PAYLOAD_TOO_LARGE, message))
+        }
+    }
+}
+
+/// What POST /resize asks for, from its query, and the pixel limit it runs under.
+struct Resize {
+    width: Option<u32>,
+    height: Option<u32>,
+    format: Option<ImageFormat>,
+    quality: u8,
+    max_pixels: u64,
+}
+
+impl Resize {
+    fn parse(query: &str, max_pixels: u64) -> Result<Resize, String> {
+        let mut job = Resize { width: None, height: None, format: None, quality: 80, max_pixels };
+        for (name, value) in query.split('&').filter_map(|pair| pair.split_once('=')) {
+            let number = |max| parse_in_range(name, value, 1..=max);
+            match name {
+                "width" => job.width = Some(number(MAX_SIDE)? as u32),
+                "height" => job.height = Some(number(MAX_SIDE)? as u32),
+                "quality" => job.quality = number(100)? as u8,
+                "format" if ["jpeg", "png", "webp"].contains(&value) => {
+                    job.format = ImageFormat::from_extension(value);
+                }
+                "format" => return Err(format!("invalid format {value:?}: use jpeg, png or webp")),
+                _ => {}
+            }
+        }
+        job.width.or(job.height).map(|_| job).ok_or_else(|| "width or height is required".into())
+    }
+
+    /// Decodes, resizes and encodes: CPU work, for a blocking thread. GIF comes out as PNG.
+    fn run(&self, input: &[u8]) -> Result<(Vec<u8>, ImageFormat), Refusal> {
+        let (image, input_format) = self.decode_and_fit(input)?;
+        let format = self.format.unwrap_or(if input_format == Gif { Png } else { input_format });
+        let mut out = Vec::new();
+        let encoded = match format {
+            Jpeg => encode_jpeg(image, self.quality, &mut out),
+            WebP => image.write_with_encoder(WebPEncoder::new_lossless(&mut out)),
+            _ => image.write_with_encoder(PngEncoder::new_with_quality(&mut out, Fast, Adaptive)),
+        };
+        encoded.map_err(|err| (StatusCode::INTERNAL_SERVER_ERROR, format!("encoding: {err}")))?;
+        Ok((out, format))
+    }
+
+    /// The image decoded, resized to fit and turned upright as its EXIF says, ready to encode.
+    fn decode_and_fit(&self, input: &[u8]) -> Result<(DynamicImage, ImageFormat), Refusal> {
+        let unsupported = (StatusCode::UNSUPPORTED_MEDIA_TYPE, "not a JPEG, PNG, WebP or GIF".into());
+        let format = match image::guess_format(input) {
+            Ok(format @ (Jpeg | Png | WebP | Gif)) => format,
+            _ => return Err(unsupported),
+        };
+        let (image, orientation) = match format {
+            Jpeg => self.decode_jpeg(input)?,
+            _ => {
+                let reader = ImageReader::with_format(std::io::Cursor::new(input), format);
+                let decoder = reader.into_decoder().map_err(undecodable)?;
+                self.check_pixels(decoder.dimensions())?;
+                (DynamicImage::from_decoder(decoder).map_err(undecodable)?, NoTransforms)
+            }
+        };
+        // 8-bit RGB or RGBA from here on: what fast_image_resize and every encoder take.
+        let image = match image.color().has_alpha() {
+            true => DynamicImage::from(image.into_rgba8()),
+            false => DynamicImage::from(image.into_rgb8()),
+        };
+        let (width, height) = self.fit_inside((image.width(), image.height()), orientation);
+        let mut resized = DynamicImage::new(width, height, image.color());
+        // Lanczos3, with alpha premultiplied so that transparent edges keep their colour.
+        Resizer::new().resize(&image, &mut resized, None).expect("RGB8 and RGBA8 are supported");
+        resized.apply_orientation(orientation);
+        Ok((resized, format))
+    }
+
+    /// Decodes at the smallest DCT scale (1/8 to 1) still at least the target size, as libvips does.
+    fn decode_jpeg(&self, input: &[u8]) -> Result<(DynamicImage, Orientation), Refusal> {
+        let corrupt = |err| (StatusCode::UNPROCESSABLE_ENTITY, format!("truncated or corrupt: {err}"));
+        let mut decoder = jpeg_decoder::Decoder::new(input);
+        decoder.read_info().map_err(corrupt)?;
+        let info = decoder.info().expect("read_info found the frame");
+        let size = (u32::from(info.width), u32::from(info.height));
+        self.check_pixels(size)?;
+        let orientation = decoder.exif_data().and_then(Orientation::from_exif_chunk).unwrap_or(NoTransforms);
+        let (width, height) = self.fit_inside(size, orientation);
+        let (width, height) = decoder.scale(width as u16, height as u16).map_err(corrupt)?;
+        let (width, height, pixels) = (width.into(), height.into(), decoder.decode().map_err(corrupt)?);
+        let image: Option<DynamicImage> = match info.pixel_format {
+            PixelFormat::RGB24 => RgbImage::from_raw(width, height, pixels).map(Into::into),
+            PixelFormat::L8 => GrayImage::from_raw(width, height, pixels).map(Into::into),
+            _ => None,
+        };
+        let unsupported = (StatusCode::UNSUPPORTED_MEDIA_TYPE, "not 8-bit RGB or grey".into());
+        Ok((image.ok_or(unsupported)?, orientation))
+    }
+
+    /// The stored size at which the upright image fits the box, keeping its aspect; no upscaling.
+    fn fit_inside(&self, (width, height): (u32, u32), orientation: Orientation) -> (u32, u32) {
+        let turned = orientation.to_exif() >= 5; // EXIF 5 to 8 swap the axes
+        let (max_w, max_h) = if turned { (self.height, self.width) } else { (self.width, self.height) };
+        let ratio = |max: Option<u32>, len: u32| max.map_or(1.0, |max| f64::from(max) / f64::from(len));
+        let scale = ratio(max_w, width).min(ratio(max_h, height)).min(1.0);
+        let scaled = |len: u32| ((f64::from(len) * scale).round() as u32).max(1);
+        (scaled(width), scaled(height))
+    }
+
+    /// Refuses from its header alone an image with too many pixels: a bomb gets no pixel buffer.
+    fn check_pixels(&self, (width, height): (u32, u32)) -> Result<(), Refusal> {
+        let too_many = u64::from(width) * u64::from(height) > self.max_pixels;
+        let message = format!("image of {width}x{height} pixels, over the limit of {}", self.max_pixels);
+        if too_many { Err((StatusCode::PAYLOAD_TOO_LARGE, message)) } else { Ok(()) }
+    }
+}
+
+/// JPEG with 4:2:0 chroma below quality 90, as libvips does; transparency goes on white.
+fn encode_jpeg(image: DynamicImage, quality: u8, out: &mut Vec<u8>) -> Result<(), ImageError> {
+    let rgb = match image {
+        DynamicImage::ImageRgba8(rgba) => {
+            let mut white = image::RgbaImage::from_pixel(rgba.width(), rgba.height(), Rgba([255; 4]));
+            image::imageops::overlay(&mut white, &rgba, 0, 0);
+            DynamicImage::from(white).into_rgb8()
+        }
+        other => other.into_rgb8(),
+    };
+    let (width, height) = (rgb.width() as u16, rgb.height() as u16);
+    let encoder = jpeg_encoder::Encoder::new(out, quality);
+    encoder
+        .encode(&rgb, width, height, ColorType::Rgb)
+        .map_err(|err| ImageError::IoError(io::Error::other(err)))
+}
+
+fn undecodable(err: ImageError) -> Refusal {
+    let too_large = matches!(err, ImageError::Limits(_));
+    let status = if too_large { StatusCode::PAYLOAD_TOO_LARGE } else { StatusCode::UNPROCESSABLE_ENTITY };
+    (status, format!("cannot decode the image: {err}"))
+}
+
+/// Serves HTTP/1.1 until `shutdown` resolves, then lets requests in flight finish for GRACE_PERIOD.
+async fn serve<F: Future<Output = Response<Body>> + Send + 'static>(
+    listener: TcpListener, handler: impl Fn(Request<Incoming>) -> F + Clone + Send + 'static,
     shutdown: impl Future<Output = &'static str>,
-) where
-    H: Fn(Request<Incoming>) -> F + Clone + Send + 'static,
-    F: Future<Output = Response<Body>> + Send + 'static,
-{
+) {
     let mut http = http1::Builder::new();
     // Without a timer, hyper silently ignores the header read timeout.
     http.timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
-    let graceful = GracefulShutdown::new();
-    let mut connections = JoinSet::new();
-    let mut shutdown = pin!(shutdown);
+    let (graceful, mut connections, mut shutdown) = (GracefulShutdown::new(), JoinSet::new(), pin!(shutdown));
     let cause = loop {
         let (stream, peer) = tokio::select! {
             cause = &mut shutdown => break cause,
@@ -202,28 +379,16 @@ async fn serve<H, F>(
 }
 
 /// Middleware: one log line per request once its response is ready, with kickstart.go's fields.
-async fn access_log<H, F>(
-    ip: IpAddr,
-    req: Request<Incoming>,
-    handler: H,
-) -> Result<Response<Body>, Infallible>
-where
-    H: FnOnce(Request<Incoming>) -> F,
-    F: Future<Output = Response<Body>>,
-{
+async fn access_log<F: Future<Output = Response<Body>>>(
+    ip: IpAddr, req: Request<Incoming>, handler: impl FnOnce(Request<Incoming>) -> F,
+) -> Result<Response<Body>, Infallible> {
     let start = Instant::now();
     let (method, uri) = (req.method().clone(), req.uri().clone());
     let res = REQUEST.scope((method.clone(), uri.clone()), recover(handler(req))).await;
-    info!(
-        method = method.as_str(),
-        path = uri.path(),
-        query = uri.query().unwrap_or_default(),
-        %ip,
-        status = res.status().as_u16(),
-        bytes = res.body().size_hint().lower(),
-        latency_us = start.elapsed().as_micros() as u64,
-        "accessed"
-    );
+    let (path, query) = (uri.path(), uri.query().unwrap_or_default());
+    let (status, bytes) = (res.status().as_u16(), res.body().size_hint().lower());
+    let latency_us = start.elapsed().as_micros() as u64;
+    info!(method = method.as_str(), path, query, %ip, status, bytes, latency_us, "accessed");
     Ok(res)
 }
 
@@ -232,8 +397,8 @@ tokio::task_local! {
     static REQUEST: (Method, Uri);
 }
 
-/// Middleware: turns a panic in the handler into a 500 that reveals nothing, so the connection and
-/// the server keep serving. The panic hook (see `json_logs`) has logged it by then.
+/// Middleware: a panic in the handler becomes a 500 that reveals nothing (the panic hook logs it),
+/// and the connection keeps serving.
 async fn recover(handler: impl Future<Output = Response<Body>>) -> Response<Body> {
     let mut handler = pin!(handler);
     poll_fn(|cx| {
@@ -245,41 +410,27 @@ async fn recover(handler: impl Future<Output = Response<Body>>) -> Response<Body
 }
 
 /// JSON lines for a log collector: one object per line, an RFC 3339 UTC `timestamp`, the event's
-/// fields at the top level. Panics are logged the same way.
-fn json_logs<W>(writer: W) -> Dispatch
-where
-    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
-{
-    log_panics();
-    let subscriber = tracing_subscriber::fmt()
-        .json()
-        .flatten_event(true)
-        .with_span_list(false)
-        .with_target(false)
-        .with_writer(writer)
-        .finish();
-    Dispatch::new(subscriber)
+/// fields at the top level.
+fn json_logs(writer: impl for<'w> MakeWriter<'w> + Send + Sync + 'static) -> Dispatch {
+    let json = tracing_subscriber::fmt().json().flatten_event(true).with_span_list(false);
+    Dispatch::new(json.with_target(false).with_writer(writer).finish())
 }
 
-/// Installs, once per process, a panic hook that logs through tracing, so a panic becomes a JSON
-/// line with its message, location and request. Where no logger is in scope, the default hook
-/// prints it.
+/// Logs panics as JSON lines with their message, location and request; where no logger is in scope
+/// (outside `run`), the default hook prints them.
 fn log_panics() {
-    static INSTALL: Once = Once::new();
-    INSTALL.call_once(|| {
-        let default_hook = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            if tracing::dispatcher::get_default(|logger| logger.is::<NoSubscriber>()) {
-                return default_hook(info);
-            }
-            let message = info.payload_as_str().unwrap_or("panic payload is not a string");
-            let location = info.location().map(ToString::to_string).unwrap_or_default();
-            let request = REQUEST.try_with(|(method, uri)| (method.clone(), uri.clone())).ok();
-            let method = request.as_ref().map(|(method, _)| method.as_str());
-            let path = request.as_ref().map(|(_, uri)| uri.path());
-            error!(panic = message, location, method, path, "panic");
-        }));
-    });
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if tracing::dispatcher::get_default(|logs| logs.is::<NoSubscriber>()) {
+            return default_hook(info);
+        }
+        let message = info.payload_as_str().unwrap_or("panic payload is not a string");
+        let location = info.location().map(ToString::to_string).unwrap_or_default();
+        let request = REQUEST.try_with(|(method, uri)| (method.clone(), uri.clone())).ok();
+        let method = request.as_ref().map(|(method, _)| method.as_str());
+        let path = request.as_ref().map(|(_, uri)| uri.path());
+        error!(panic = message, location, method, path, "panic");
+    }));
 }
 
 /// Resolves with the signal's name on SIGINT (Ctrl-C) or SIGTERM (docker stop, Kubernetes).
@@ -293,20 +444,24 @@ async fn shutdown_signal() -> &'static str {
     }
 }
 
-/// PORT, 1 to 65535, default 8080; set but empty counts as unset.
-fn parse_port(value: Option<String>) -> Result<u16, Error> {
-    match value.as_deref() {
-        None | Some("") => Ok(8080),
-        Some(text) => text.parse().ok().filter(|&port| port != 0).ok_or_else(|| {
-            format!("invalid PORT {text:?}: port must be between 1 and 65535").into()
-        }),
-    }
+/// A number from the environment, `default` where unset; set but empty counts as unset.
+fn env_in_range(
+    getenv: impl Fn(&str) -> Option<String>, name: &str, default: u64, range: RangeInclusive<u64>,
+) -> Result<u64, String> {
+    let value = getenv(name).filter(|value| !value.is_empty());
+    value.map_or(Ok(default), |value| parse_in_range(name, &value, range))
+}
+
+fn parse_in_range(name: &str, value: &str, range: RangeInclusive<u64>) -> Result<u64, String> {
+    let (min, max, what) = (range.start(), range.end(), name.to_lowercase());
+    let number = value.parse().ok().filter(|number| range.contains(number));
+    number.ok_or_else(|| format!("invalid {name} {value:?}: {what} must be between {min} and {max}"))
 }
 
 /// Formats like Go's time.Duration ("1h2m3.456s"), to the millisecond.
 fn go_duration(elapsed: Duration) -> String {
-    let millis = elapsed.as_millis();
-    let (hours, minutes) = (millis / 3_600_000, millis / 60_000 % 60);
+    let (millis, minutes, hours) =
+        (elapsed.as_millis(), elapsed.as_secs() / 60 % 60, elapsed.as_secs() / 3600);
     let seconds = format!("{}.{:03}", millis / 1000 % 60, millis % 1000);
     let seconds = seconds.trim_end_matches('0').trim_end_matches('.');
     match (hours, minutes) {
@@ -316,10 +471,14 @@ fn go_duration(elapsed: Duration) -> String {
     }
 }
 
-/// The one error shape of the service: `{"error": "..."}`.
+/// The one error shape of the service: `{"error": "..."}`. A 503 says when to retry.
 fn error_response(status: StatusCode, message: &str) -> Response<Body> {
     let body = serde_json::json!({ "error": message });
-    response(status, "application/json", body.to_string())
+    let mut res = response(status, "application/json", body.to_string());
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    res
 }
 
 /// 405 with the `Allow` header that RFC 9110 requires.
@@ -329,14 +488,10 @@ fn method_not_allowed(allow: &'static str) -> Response<Body> {
     res
 }
 
-fn response(
-    status: StatusCode,
-    content_type: &'static str,
-    body: impl Into<Bytes>,
-) -> Response<Body> {
+fn response(status: StatusCode, mime: &'static str, body: impl Into<Bytes>) -> Response<Body> {
     let mut res = Response::new(Full::new(body.into()));
     *res.status_mut() = status;
-    res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(mime));
     res
 }
 

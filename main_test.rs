@@ -3,8 +3,9 @@
 //! so no test sleeps.
 
 use super::*;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::BodyExt;
 use hyper::client::conn::http1 as client;
+use image::{GrayImage, RgbImage, RgbaImage};
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -70,8 +71,7 @@ async fn openapi_documents_exactly_the_routes_that_exist() {
             let res = request(server.addr, method.parse().expect("method"), path).await;
             if methods.iter().any(|m| m == method) {
                 let status = res.status();
-                let routed =
-                    status != StatusCode::NOT_FOUND && status != StatusCode::METHOD_NOT_ALLOWED;
+                let routed = status != StatusCode::NOT_FOUND && status != StatusCode::METHOD_NOT_ALLOWED;
                 assert!(routed, "{method} {path} is documented but answers {status}");
             } else {
                 assert_eq!(res.status(), StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
@@ -140,8 +140,7 @@ async fn logs_are_json_lines_with_one_access_line_per_request() {
         assert!(is_rfc3339_utc_with_fraction(timestamp), "timestamp {timestamp}");
         assert!(line["level"].is_string() && line["message"].is_string(), "{line}");
     }
-    let messages: Vec<&str> =
-        lines.iter().map(|l| l["message"].as_str().unwrap_or_default()).collect();
+    let messages: Vec<&str> = lines.iter().map(|l| l["message"].as_str().unwrap_or_default()).collect();
     assert_eq!(messages, ["server started", "accessed", "shutting down", "server stopped"]);
     assert_eq!(lines[0]["port"], 8080);
     assert_eq!(lines[0]["version"], "v1.2.3-test");
@@ -228,8 +227,7 @@ async fn shutdown_closes_connections_still_open_after_the_grace_period() {
     };
     let mut server = ServeTest::start(handler).await;
     let mut connection = connect(server.addr).await;
-    let stuck =
-        tokio::spawn(async move { connection.send_request(empty_request(Method::GET, "/")).await });
+    let stuck = tokio::spawn(async move { connection.send_request(empty_request(Method::GET, "/")).await });
     started.recv().await.expect("handler started");
 
     let shutdown_at = tokio::time::Instant::now();
@@ -255,6 +253,192 @@ async fn a_client_that_never_finishes_its_headers_is_disconnected() {
     server.stop().await;
 }
 
+#[tokio::test]
+async fn resize_fits_inside_the_box_keeping_the_aspect_ratio_and_never_upscales() {
+    let server = TestServer::start(&[]).await;
+    let photo = jpeg(300, 200, None);
+    let cases = [
+        ("width=150", (150, 100)),
+        ("height=50", (75, 50)),
+        ("width=100&height=100", (100, 67)),
+        ("width=1000&height=1000", (300, 200)),
+    ];
+    for (query, expected) in cases {
+        let res = resize(server.addr, query, photo.clone()).await;
+        assert_eq!(res.status(), StatusCode::OK, "{query}");
+        assert_eq!(res.headers()[header::CONTENT_TYPE], "image/jpeg", "{query}");
+        let image = image::load_from_memory_with_format(res.body(), ImageFormat::Jpeg).expect("a JPEG");
+        assert_eq!((image.width(), image.height()), expected, "{query}");
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn resize_reads_every_format_and_writes_the_same_or_the_one_asked_for() {
+    let server = TestServer::start(&[]).await;
+    let inputs = [(Jpeg, Jpeg), (Png, Png), (WebP, WebP), (Gif, Png)];
+    for (input, default_output) in inputs {
+        let image = encode(&checkerboard(64, 48), input);
+        for (query, expected) in
+            [("", default_output), ("&format=jpeg", Jpeg), ("&format=png", Png), ("&format=webp", WebP)]
+        {
+            let res = resize(server.addr, &format!("width=32{query}"), image.clone()).await;
+            assert_eq!(res.status(), StatusCode::OK, "{input:?} {query}");
+            assert_eq!(res.headers()[header::CONTENT_TYPE], expected.to_mime_type(), "{input:?} {query}");
+            let output = image::load_from_memory_with_format(res.body(), expected).expect("decodes");
+            assert_eq!((output.width(), output.height()), (32, 24), "{input:?} {query}");
+        }
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn alpha_survives_into_png_and_webp_and_goes_on_white_in_jpeg() {
+    let server = TestServer::start(&[]).await;
+    // Left half transparent, right half opaque red.
+    let half =
+        RgbaImage::from_fn(64, 32, |x, _| if x < 32 { Rgba([0, 0, 0, 0]) } else { Rgba([255, 0, 0, 255]) });
+    let png = encode(&DynamicImage::from(half), Png);
+    let cases = [("png", Png, [0, 0, 0, 0]), ("webp", WebP, [0, 0, 0, 0]), ("jpeg", Jpeg, [255; 4])];
+    for (name, format, expected) in cases {
+        let query = format!("width=32&format={name}");
+        let res = resize(server.addr, &query, png.clone()).await;
+        let output = image::load_from_memory_with_format(res.body(), format).expect("decodes").into_rgba8();
+        let (left, right) = (output.get_pixel(2, 8).0, output.get_pixel(29, 8).0);
+        let alpha_or_white =
+            |pixel: [u8; 4]| if expected[3] == 0 { pixel[3] } else { pixel[0].min(pixel[1]).min(pixel[2]) };
+        assert_eq!(alpha_or_white(left), alpha_or_white(expected), "{format:?} left {left:?}");
+        assert!(right[0] > 240 && right[1] < 15 && right[3] == 255, "{format:?} right {right:?}");
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_jpeg_is_turned_upright_as_its_exif_orientation_says() {
+    let server = TestServer::start(&[]).await;
+    // Stored 200x100, left half red and right half blue; EXIF orientation 6: rotate 90° clockwise.
+    let rotate_90 = b"Exif\0\0MM\0\x2a\0\0\0\x08\0\x01\x01\x12\0\x03\0\0\0\x01\0\x06\0\0\0\0\0\0";
+    let photo = jpeg(200, 100, Some(rotate_90));
+    let res = resize(server.addr, "width=50&height=1000", photo).await;
+
+    let image = image::load_from_memory_with_format(res.body(), Jpeg).expect("a JPEG").into_rgb8();
+    assert_eq!(image.dimensions(), (50, 100));
+    let (top, bottom) = (image.get_pixel(25, 10).0, image.get_pixel(25, 90).0);
+    assert!(top[0] > 200 && top[2] < 60, "top should be red: {top:?}");
+    assert!(bottom[2] > 200 && bottom[0] < 60, "bottom should be blue: {bottom:?}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn hostile_input_gets_a_clear_4xx_and_the_server_keeps_serving() {
+    let server = TestServer::start(&[]).await;
+    let photo = jpeg(64, 64, None);
+    let cases: [(&str, Vec<u8>, StatusCode, &str); 14] = [
+        ("width=10", vec![], StatusCode::BAD_REQUEST, "empty body"),
+        ("", photo.clone(), StatusCode::BAD_REQUEST, "width or height is required"),
+        ("width=0", photo.clone(), StatusCode::BAD_REQUEST, r#"invalid width \"0\""#),
+        ("width=-1", photo.clone(), StatusCode::BAD_REQUEST, r#"invalid width \"-1\""#),
+        ("height=abc", photo.clone(), StatusCode::BAD_REQUEST, r#"invalid height \"abc\""#),
+        ("width=10001", photo.clone(), StatusCode::BAD_REQUEST, "between 1 and 10000"),
+        ("width=10&quality=101", photo.clone(), StatusCode::BAD_REQUEST, r#"invalid quality \"101\""#),
+        ("width=10&format=gif", photo.clone(), StatusCode::BAD_REQUEST, r#"invalid format \"gif\""#),
+        ("width=10", b"hello, not an image".to_vec(), StatusCode::UNSUPPORTED_MEDIA_TYPE, "not a JPEG"),
+        ("width=10", photo[..photo.len() * 2 / 3].to_vec(), StatusCode::UNPROCESSABLE_ENTITY, "corrupt"),
+        ("width=10", png_truncated(), StatusCode::UNPROCESSABLE_ENTITY, "cannot decode"),
+        ("width=10", png_bomb(100_000, 100_000), StatusCode::PAYLOAD_TOO_LARGE, "100000x100000"),
+        ("width=10", jpeg_bomb(60_000, 60_000), StatusCode::PAYLOAD_TOO_LARGE, "60000x60000"),
+        ("width=10", gif_bomb(65_535, 65_535), StatusCode::PAYLOAD_TOO_LARGE, "65535x65535"),
+    ];
+    for (query, body, status, message) in cases {
+        let res = resize(server.addr, query, body).await;
+        let text = String::from_utf8_lossy(res.body());
+        assert_eq!(res.status(), status, "{query}: {text}");
+        assert!(text.starts_with(r#"{"error":"#) && text.contains(message), "{query}: {text}");
+    }
+    assert_eq!(request(server.addr, Method::GET, "/health").await.status(), StatusCode::OK);
+    server.stop().await;
+}
+
+/// An ordinary client still sending a body over the limit reads the 413 instead of a reset.
+#[tokio::test]
+async fn a_body_over_the_limit_gets_413_while_the_client_is_still_sending() {
+    let server = TestServer::start(&[("RESIZE_MAX_BYTES", "1000")]).await;
+    let body = vec![0_u8; 16 << 20]; // more than the socket buffers hold
+    let announced = format!("Content-Length: {}\r\n\r\n", body.len());
+    let chunked = format!("Transfer-Encoding: chunked\r\n\r\n{:x}\r\n", body.len());
+    for (framing, end) in [(announced, ""), (chunked, "\r\n0\r\n\r\n")] {
+        let mut stream = TcpStream::connect(server.addr).await.expect("connect");
+        let head = format!("POST /resize?width=10 HTTP/1.1\r\nHost: test\r\n{framing}");
+        stream.write_all(head.as_bytes()).await.expect("head");
+        stream.write_all(&body).await.expect("the server reads the rest of the body");
+        stream.write_all(end.as_bytes()).await.expect("end");
+        let mut status_line = [0; 12];
+        stream.read_exact(&mut status_line).await.expect("a response");
+        assert_eq!(&status_line, b"HTTP/1.1 413");
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_refused_body_gets_no_100_continue() {
+    let server = TestServer::start(&[("RESIZE_MAX_BYTES", "1000")]).await;
+    let mut stream = TcpStream::connect(server.addr).await.expect("connect");
+    let head = "POST /resize?width=10 HTTP/1.1\r\nHost: test\r\nContent-Length: 5000\r\nExpect: 100-continue\r\n\r\n";
+    stream.write_all(head.as_bytes()).await.expect("head");
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.expect("a response, then the connection closes");
+    let response = String::from_utf8_lossy(&response);
+    assert!(response.starts_with("HTTP/1.1 413") && !response.contains("100 Continue"), "{response}");
+    server.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_body_that_comes_too_slowly_gets_408() {
+    let server = TestServer::start(&[]).await;
+    let mut stream = TcpStream::connect(server.addr).await.expect("connect");
+    let head = "POST /resize?width=10 HTTP/1.1\r\nHost: test\r\nContent-Length: 1000\r\n\r\nstarted";
+    stream.write_all(head.as_bytes()).await.expect("head");
+    let sent_at = tokio::time::Instant::now();
+
+    let mut response = [0; 12];
+    stream.read_exact(&mut response).await.expect("a response");
+    assert_eq!(&response, b"HTTP/1.1 408");
+    assert!(sent_at.elapsed() >= BODY_READ_TIMEOUT);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn health_answers_while_images_are_resized() {
+    let server = TestServer::start(&[]).await;
+    let photo = jpeg(1600, 1200, None);
+    let resizes: Vec<_> =
+        (0..4).map(|_| tokio::spawn(resize(server.addr, "width=1500", photo.clone()))).collect();
+
+    let res = request(server.addr, Method::GET, "/health").await;
+    assert_eq!(res.status(), StatusCode::OK);
+    assert!(resizes.iter().any(|resize| !resize.is_finished()), "health waited for the resizes");
+    for resize in resizes {
+        assert_eq!(resize.await.expect("resize task").status(), StatusCode::OK);
+    }
+    server.stop().await;
+}
+
+/// The fast path (DCT-scaled decode, then Lanczos3) must not just be blurrier than resizing the
+/// full decode: luma SSIM at least 0.985, sharp's own level, on a real photo.
+#[test]
+fn the_fast_jpeg_path_matches_a_full_decode_resize() {
+    let photo = include_bytes!("testdata/photo-1920x1080.jpg");
+    for box_side in [400, 800] {
+        let job = Resize::parse(&format!("width={box_side}&height={box_side}"), 50_000_000).expect("query");
+        let (fast, _) = job.decode_and_fit(photo).expect("resized");
+        let full = image::load_from_memory_with_format(photo, Jpeg).expect("a JPEG");
+        let mut reference = DynamicImage::new(fast.width(), fast.height(), full.color());
+        Resizer::new().resize(&full, &mut reference, None).expect("Lanczos3");
+        let ssim = luma_ssim(&fast.to_luma8(), &reference.to_luma8());
+        assert!(ssim >= 0.985, "SSIM {ssim:.4} at {box_side}");
+    }
+}
+
 /// build.rs embeds the commit being built; checked against git itself where there is a repository.
 #[test]
 fn build_info_is_the_commit_being_built() {
@@ -274,13 +458,8 @@ fn build_info_is_the_commit_being_built() {
 
 #[test]
 fn uptime_reads_like_a_go_duration() {
-    let cases = [
-        (0, "0s"),
-        (1_500, "1.5s"),
-        (61_001, "1m1.001s"),
-        (3_723_450, "1h2m3.45s"),
-        (7_200_000, "2h0m0s"),
-    ];
+    let cases =
+        [(0, "0s"), (1_500, "1.5s"), (61_001, "1m1.001s"), (3_723_450, "1h2m3.45s"), (7_200_000, "2h0m0s")];
     for (millis, expected) in cases {
         assert_eq!(go_duration(Duration::from_millis(millis)), expected);
     }
@@ -291,11 +470,12 @@ struct TestServer {
     addr: SocketAddr,
     logs: Logs,
     stop: oneshot::Sender<&'static str>,
-    done: tokio::task::JoinHandle<Result<(), Error>>,
+    done: tokio::task::JoinHandle<Result<(), String>>,
 }
 
 impl TestServer {
     async fn start(env: &'static [(&'static str, &'static str)]) -> TestServer {
+        log_panics_once();
         let (log_writer, logs) = Logs::capture();
         let (stop, stopped) = oneshot::channel();
         let (addr_tx, addr) = oneshot::channel();
@@ -333,13 +513,13 @@ impl ServeTest {
         H: Fn(Request<Incoming>) -> F + Clone + Send + 'static,
         F: Future<Output = Response<Body>> + Send + 'static,
     {
+        log_panics_once();
         let (log_writer, logs) = Logs::capture();
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("bound address");
         let (stop, stopped) = oneshot::channel();
         let shutdown = async { stopped.await.unwrap_or("test dropped") };
-        let done =
-            tokio::spawn(serve(listener, handler, shutdown).with_subscriber(json_logs(log_writer)));
+        let done = tokio::spawn(serve(listener, handler, shutdown).with_subscriber(json_logs(log_writer)));
         ServeTest { addr, logs, stop, done }
     }
 
@@ -347,6 +527,12 @@ impl ServeTest {
         self.stop.send("SIGTERM").expect("server is running");
         self.done.await.expect("serve returned");
     }
+}
+
+/// Logs panics as `main` does, once for the whole test binary.
+fn log_panics_once() {
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+    INSTALL.call_once(log_panics);
 }
 
 fn bind_ephemeral(_requested: SocketAddr) -> io::Result<std::net::TcpListener> {
@@ -403,26 +589,35 @@ async fn request(addr: SocketAddr, method: Method, path: &str) -> Response<Strin
     send(&mut connect(addr).await, method, path).await
 }
 
-async fn connect(addr: SocketAddr) -> client::SendRequest<Empty<Bytes>> {
+/// POST /resize with `image` as the body, on a new connection.
+async fn resize(addr: SocketAddr, query: &str, image: Vec<u8>) -> Response<Bytes> {
+    let mut req = Request::new(Full::from(image));
+    *req.method_mut() = Method::POST;
+    *req.uri_mut() = format!("/resize?{query}").parse().expect("query");
+    req.headers_mut().insert(header::HOST, HeaderValue::from_static("test"));
+    send_request(&mut connect(addr).await, req).await
+}
+
+async fn connect(addr: SocketAddr) -> client::SendRequest<Body> {
     let stream = TcpStream::connect(addr).await.expect("connect");
     let (sender, connection) = client::handshake(TokioIo::new(stream)).await.expect("handshake");
     tokio::spawn(connection);
     sender
 }
 
-async fn send(
-    connection: &mut client::SendRequest<Empty<Bytes>>,
-    method: Method,
-    path: &str,
-) -> Response<String> {
-    let res = connection.send_request(empty_request(method, path)).await.expect("response");
-    let (parts, body) = res.into_parts();
-    let body = body.collect().await.expect("body").to_bytes();
-    Response::from_parts(parts, String::from_utf8(body.to_vec()).expect("UTF-8 body"))
+async fn send(connection: &mut client::SendRequest<Body>, method: Method, path: &str) -> Response<String> {
+    let res = send_request(connection, empty_request(method, path)).await;
+    res.map(|body| String::from_utf8(body.to_vec()).expect("UTF-8 body"))
 }
 
-fn empty_request(method: Method, path: &str) -> Request<Empty<Bytes>> {
-    let mut req = Request::new(Empty::new());
+async fn send_request(connection: &mut client::SendRequest<Body>, req: Request<Body>) -> Response<Bytes> {
+    let res = connection.send_request(req).await.expect("response");
+    let (parts, body) = res.into_parts();
+    Response::from_parts(parts, body.collect().await.expect("body").to_bytes())
+}
+
+fn empty_request(method: Method, path: &str) -> Request<Body> {
+    let mut req = Request::new(Full::default());
     *req.method_mut() = method;
     *req.uri_mut() = path.parse().expect("path");
     req.headers_mut().insert(header::HOST, HeaderValue::from_static("test"));
@@ -448,8 +643,7 @@ fn documented_routes() -> BTreeMap<String, Vec<String>> {
     routes
 }
 
-const HTTP_METHODS: [&str; 8] =
-    ["get", "put", "post", "delete", "options", "head", "patch", "trace"];
+const HTTP_METHODS: [&str; 8] = ["get", "put", "post", "delete", "options", "head", "patch", "trace"];
 
 /// The path literals in `route`'s source.
 fn routed_paths() -> BTreeSet<&'static str> {
@@ -479,4 +673,114 @@ fn is_rfc3339_utc_with_fraction(text: &str) -> bool {
     is_rfc3339_utc(&format!("{seconds}Z"))
         && (1..=9).contains(&digits.len())
         && digits.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// A JPEG whose left half is red and right half blue, with an optional EXIF segment.
+fn jpeg(width: u16, height: u16, exif: Option<&[u8]>) -> Vec<u8> {
+    let image = RgbImage::from_fn(width.into(), height.into(), |x, _| {
+        if x < u32::from(width) / 2 { image::Rgb([230, 20, 20]) } else { image::Rgb([20, 20, 230]) }
+    });
+    let mut out = Vec::new();
+    let mut encoder = jpeg_encoder::Encoder::new(&mut out, 90);
+    if let Some(exif) = exif {
+        encoder.add_app_segment(1, exif.to_vec()).expect("EXIF segment");
+    }
+    encoder.encode(&image, width, height, ColorType::Rgb).expect("encode");
+    out
+}
+
+fn checkerboard(width: u32, height: u32) -> DynamicImage {
+    let on = |x: u32, y: u32| (x / 8 + y / 8).is_multiple_of(2);
+    let image = RgbaImage::from_fn(width, height, |x, y| {
+        if on(x, y) { Rgba([250, 250, 250, 255]) } else { Rgba([10, 90, 200, 255]) }
+    });
+    DynamicImage::from(image)
+}
+
+fn encode(image: &DynamicImage, format: ImageFormat) -> Vec<u8> {
+    if format == Jpeg {
+        let rgb = image.to_rgb8();
+        return jpeg_from(&rgb);
+    }
+    let mut out = std::io::Cursor::new(Vec::new());
+    image.write_to(&mut out, format).expect("encode");
+    out.into_inner()
+}
+
+fn jpeg_from(rgb: &RgbImage) -> Vec<u8> {
+    let mut out = Vec::new();
+    let encoder = jpeg_encoder::Encoder::new(&mut out, 90);
+    encoder.encode(rgb, rgb.width() as u16, rgb.height() as u16, ColorType::Rgb).expect("encode");
+    out
+}
+
+fn png_truncated() -> Vec<u8> {
+    let png = encode(&checkerboard(64, 64), Png);
+    png[..png.len() - 30].to_vec()
+}
+
+/// A PNG of a few dozen bytes whose header claims `width`×`height` pixels.
+fn png_bomb(width: u32, height: u32) -> Vec<u8> {
+    let chunk = |kind: &[u8], data: &[u8]| {
+        let body = [kind, data].concat();
+        [&(data.len() as u32).to_be_bytes()[..], &body, &crc32(&body).to_be_bytes()].concat()
+    };
+    let header = [&width.to_be_bytes()[..], &height.to_be_bytes(), &[8, 6, 0, 0, 0]].concat();
+    [
+        &b"\x89PNG\r\n\x1a\n"[..],
+        &chunk(b"IHDR", &header),
+        &chunk(b"IDAT", &[0x78, 0x9c, 3, 0]),
+        &chunk(b"IEND", &[]),
+    ]
+    .concat()
+}
+
+/// A small real JPEG whose frame header is changed to claim `width`×`height` pixels.
+fn jpeg_bomb(width: u16, height: u16) -> Vec<u8> {
+    let mut jpeg = jpeg(16, 16, None);
+    let frame = jpeg.windows(2).position(|marker| marker == [0xFF, 0xC0]).expect("a baseline frame");
+    jpeg[frame + 5..frame + 9].copy_from_slice(&[height.to_be_bytes(), width.to_be_bytes()].concat());
+    jpeg
+}
+
+/// A GIF whose logical screen and first frame claim `width`×`height` pixels.
+fn gif_bomb(width: u16, height: u16) -> Vec<u8> {
+    let (w, h) = (width.to_le_bytes(), height.to_le_bytes());
+    let screen = [b"GIF89a".as_slice(), &w, &h, &[0, 0, 0]].concat();
+    let frame = [&[0x2C, 0, 0, 0, 0][..], &w, &h, &[0, 2, 2, 0x4C, 1, 0, 0x3B]].concat();
+    [screen, frame].concat()
+}
+
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = !0_u32;
+    for &byte in bytes {
+        crc ^= u32::from(byte);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+        }
+    }
+    !crc
+}
+
+/// Mean SSIM of two grey images over 8×8 windows (constants of Wang et al., 2004).
+fn luma_ssim(a: &GrayImage, b: &GrayImage) -> f64 {
+    let (c1, c2) = ((0.01 * 255.0_f64).powi(2), (0.03 * 255.0_f64).powi(2));
+    let mut total = (0.0, 0);
+    for y in (0..a.height() - 7).step_by(4) {
+        for x in (0..a.width() - 7).step_by(4) {
+            let pixels = |image: &GrayImage| -> Vec<f64> {
+                (0..64).map(|i| f64::from(image.get_pixel(x + i % 8, y + i / 8).0[0])).collect()
+            };
+            let (pa, pb) = (pixels(a), pixels(b));
+            let mean = |p: &[f64]| p.iter().sum::<f64>() / 64.0;
+            let (ma, mb) = (mean(&pa), mean(&pb));
+            let var_a = pa.iter().map(|v| (v - ma).powi(2)).sum::<f64>() / 63.0;
+            let var_b = pb.iter().map(|v| (v - mb).powi(2)).sum::<f64>() / 63.0;
+            let cov = pa.iter().zip(&pb).map(|(va, vb)| (va - ma) * (vb - mb)).sum::<f64>() / 63.0;
+            total.0 +=
+                (2.0 * ma * mb + c1) * (2.0 * cov + c2) / ((ma * ma + mb * mb + c1) * (var_a + var_b + c2));
+            total.1 += 1;
+        }
+    }
+    total.0 / f64::from(total.1)
 }
