@@ -181,7 +181,8 @@ async fn read_body(req: Request<Incoming>, max_bytes: u64) -> Result<Vec<u8>, Re
     // An announced length over the limit is refused before a byte is read: hyper sends no `100 Continue`
     // and such a client sends no body.
     let expects_continue = req.headers().contains_key(header::EXPECT);
-    let (mut body, mut data) = (req.into_body(), Vec::new());
+    let mut body = req.into_body();
+    let mut data = Vec::with_capacity(body.size_hint().lower().min(max_bytes) as usize);
     let read_all = async {
         while data.len() as u64 + body.size_hint().lower() <= max_bytes {
             let Some(frame) = body.frame().await else { return Ok(true) };

@@ -677,41 +677,35 @@ fn is_rfc3339_utc_with_fraction(text: &str) -> bool {
 
 /// A JPEG whose left half is red and right half blue, with an optional EXIF segment.
 fn jpeg(width: u16, height: u16, exif: Option<&[u8]>) -> Vec<u8> {
-    let image = RgbImage::from_fn(width.into(), height.into(), |x, _| {
+    let red_blue = RgbImage::from_fn(width.into(), height.into(), |x, _| {
         if x < u32::from(width) / 2 { image::Rgb([230, 20, 20]) } else { image::Rgb([20, 20, 230]) }
     });
+    jpeg_of(&red_blue, exif)
+}
+
+fn jpeg_of(image: &RgbImage, exif: Option<&[u8]>) -> Vec<u8> {
     let mut out = Vec::new();
     let mut encoder = jpeg_encoder::Encoder::new(&mut out, 90);
     if let Some(exif) = exif {
         encoder.add_app_segment(1, exif.to_vec()).expect("EXIF segment");
     }
-    encoder.encode(&image, width, height, ColorType::Rgb).expect("encode");
+    encoder.encode(image, image.width() as u16, image.height() as u16, ColorType::Rgb).expect("encode");
     out
 }
 
 fn checkerboard(width: u32, height: u32) -> DynamicImage {
     let on = |x: u32, y: u32| (x / 8 + y / 8).is_multiple_of(2);
-    let image = RgbaImage::from_fn(width, height, |x, y| {
-        if on(x, y) { Rgba([250, 250, 250, 255]) } else { Rgba([10, 90, 200, 255]) }
-    });
-    DynamicImage::from(image)
+    let pixel = |x, y| if on(x, y) { Rgba([250, 250, 250, 255]) } else { Rgba([10, 90, 200, 255]) };
+    DynamicImage::from(RgbaImage::from_fn(width, height, pixel))
 }
 
 fn encode(image: &DynamicImage, format: ImageFormat) -> Vec<u8> {
     if format == Jpeg {
-        let rgb = image.to_rgb8();
-        return jpeg_from(&rgb);
+        return jpeg_of(&image.to_rgb8(), None);
     }
     let mut out = std::io::Cursor::new(Vec::new());
     image.write_to(&mut out, format).expect("encode");
     out.into_inner()
-}
-
-fn jpeg_from(rgb: &RgbImage) -> Vec<u8> {
-    let mut out = Vec::new();
-    let encoder = jpeg_encoder::Encoder::new(&mut out, 90);
-    encoder.encode(rgb, rgb.width() as u16, rgb.height() as u16, ColorType::Rgb).expect("encode");
-    out
 }
 
 fn png_truncated() -> Vec<u8> {
