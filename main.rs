@@ -162,11 +162,13 @@ fn openapi_document(version: &str) -> Bytes {
 
 /// Resizes the image in the body to fit inside `width`×`height`; openapi.yaml has the details.
 async fn handle_resize(req: Request<Incoming>, state: &State) -> Result<Response<Body>, Refusal> {
-    let query = req.uri().query().unwrap_or_default();
-    let job = Resize::parse(query, state.max_pixels).map_err(|message| (StatusCode::BAD_REQUEST, message))?;
     let busy = |_| (StatusCode::SERVICE_UNAVAILABLE, "too many images in flight".to_owned());
     let _admitted = state.resize_queue.try_acquire().map_err(busy)?;
+    // The query is checked once the body is read: a client still sending gets its 400, not a reset.
+    let query = req.uri().query().unwrap_or_default().to_owned();
     let body = read_body(req, state.max_bytes).await?;
+    let job =
+        Resize::parse(&query, state.max_pixels).map_err(|message| (StatusCode::BAD_REQUEST, message))?;
     let _working = state.resize_workers.acquire().await.expect("the semaphore is never closed");
     // The blocking thread logs to this request's logger; a panic there goes on to `recover` (500).
     let logs = tracing::dispatcher::get_default(Dispatch::clone);
@@ -178,8 +180,7 @@ async fn handle_resize(req: Request<Incoming>, state: &State) -> Result<Response
 
 /// The whole body: 413 past `max_bytes`, announced or counted, and 408 when it comes too slowly.
 async fn read_body(req: Request<Incoming>, max_bytes: u64) -> Result<Vec<u8>, Refusal> {
-    // An announced length over the limit is refused before a byte is read: hyper sends no `100 Continue`
-    // and such a client sends no body.
+    // An announced length over the limit is refused unread: no `100 Continue`, so the client sends no body.
     let expects_continue = req.headers().contains_key(header::EXPECT);
     let mut body = req.into_body();
     let mut data = Vec::with_capacity(body.size_hint().lower().min(max_bytes) as usize);
@@ -329,10 +330,8 @@ fn encode_jpeg(image: DynamicImage, quality: u8, out: &mut Vec<u8>) -> Result<()
         other => other.into_rgb8(),
     };
     let (width, height) = (rgb.width() as u16, rgb.height() as u16);
-    let encoder = jpeg_encoder::Encoder::new(out, quality);
-    encoder
-        .encode(&rgb, width, height, ColorType::Rgb)
-        .map_err(|err| ImageError::IoError(io::Error::other(err)))
+    let encoded = jpeg_encoder::Encoder::new(out, quality).encode(&rgb, width, height, ColorType::Rgb);
+    encoded.map_err(|err| ImageError::IoError(io::Error::other(err)))
 }
 
 fn undecodable(err: ImageError) -> Refusal {
