@@ -282,7 +282,7 @@ impl Resize {
 
     /// Decodes at the smallest DCT scale (1/8 to 1) still at least the target size, as libvips does.
     fn decode_jpeg(&self, input: &[u8]) -> Result<(DynamicImage, Orientation), Refusal> {
-        let corrupt = |err| (StatusCode::UNPROCESSABLE_ENTITY, format!("truncated or corrupt: {err}"));
+        let corrupt = |err| (StatusCode::UNPROCESSABLE_ENTITY, format!("truncated or corrupt JPEG: {err}"));
         let mut decoder = jpeg_decoder::Decoder::new(input);
         decoder.read_info().map_err(corrupt)?;
         let info = decoder.info().expect("read_info found the frame");
@@ -297,7 +297,8 @@ impl Resize {
             PixelFormat::L8 => GrayImage::from_raw(width, height, pixels).map(Into::into),
             _ => None,
         };
-        let unsupported = (StatusCode::UNSUPPORTED_MEDIA_TYPE, "not 8-bit RGB or grey".into());
+        let unsupported =
+            (StatusCode::UNSUPPORTED_MEDIA_TYPE, "only 8-bit RGB or grey JPEGs are supported".into());
         Ok((image.ok_or(unsupported)?, orientation))
     }
 
