@@ -203,8 +203,7 @@ async fn read_body(req: Request<Incoming>, max_bytes: u64) -> Result<Vec<u8>, Re
                 let discard = async move { while let Some(Ok(_)) = body.frame().await {} };
                 tokio::spawn(tokio::time::timeout(LINGER_TIME, discard));
             }
-            let message = format!("body over the limit of {max_bytes} bytes");
-            Err((StatusCode::PAYLOAD_TOO_LARGE, message))
+            Err((StatusCode::PAYLOAD_TOO_LARGE, format!("body over the limit of {max_bytes} bytes")))
         }
     }
 }
@@ -497,5 +496,4 @@ fn response(status: StatusCode, mime: &'static str, body: impl Into<Bytes>) -> R
 }
 
 #[cfg(test)]
-#[path = "main_test.rs"]
-mod tests;
+mod main_test;
