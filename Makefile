@@ -31,7 +31,7 @@ $(LINT_TOOLS)/bin/openapi-spec-validator:
 # 3 interleaved rounds, medians and ratios. Not run by CI: the figures depend on the machine.
 bench: build
 	$(BENCH)/setup-peers.sh
-	./target/release/$(BIN) >/dev/null & trap 'kill $$!' EXIT; \
+	./target/release/$(BIN) >/dev/null & server=$$!; trap "kill $$server" EXIT; \
 	until curl -sf localhost:$(PORT)/health >/dev/null; do sleep 0.1; done; \
 	for case in "photo-4000x3000.jpg 800 800" "photo-1920x1080.jpg 400 400" "photo-alpha-1500x1000.png 400 400"; do \
 	  ROUNDS=3 $(BENCH)/peers.sh -- $(BENCH)/resize-bench.sh \
