@@ -42,7 +42,6 @@ fn git_commit() -> Option<(String, String, bool)> {
         "--format=%cd",
     ])?;
     let dirty = !git(&["--no-optional-locks", "status", "--porcelain", "--untracked-files=no"])?.is_empty();
-    watch_git_state();
     Some((hash, time, dirty))
 }
 
