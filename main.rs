@@ -1,12 +1,11 @@
-//! kickstart: a minimal, production-shaped HTTP service in one file. Read it top to bottom: `main`,
-//! `run` (the wiring), `route` (the endpoints), the handlers, the server loop, middleware, helpers.
+//! A minimal, production-shaped HTTP service in one file. Read it top to bottom: `main`, `run` (the
+//! wiring), `route` (the endpoints), the handlers, the server loop, middleware, helpers.
 
 use std::future::{Future, poll_fn};
 use std::net::{IpAddr, SocketAddr};
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
-use std::{convert::Infallible, io, num::NonZero, ops::RangeInclusive, pin::pin, task::Poll};
+use std::{convert::Infallible, io, num::NonZero, ops::RangeInclusive, pin::pin, sync::Arc, task::Poll};
 
 use fast_image_resize::Resizer;
 use http_body_util::{BodyExt, Full};
@@ -76,13 +75,14 @@ async fn run(
     shutdown: impl Future<Output = &'static str>, build: BuildInfo,
     bind: impl FnOnce(SocketAddr) -> io::Result<std::net::TcpListener>,
 ) -> Result<(), String> {
-    let port = env_in_range(&getenv, "PORT", 8080, 1..=65535)? as u16;
+    let port = env_in_range(&getenv, "PORT", 8080, 0..=65535)? as u16;
     let max_bytes = env_in_range(&getenv, "RESIZE_MAX_BYTES", 20 << 20, 1..=1 << 30)?;
     let max_pixels = env_in_range(&getenv, "RESIZE_MAX_PIXELS", 50_000_000, 1..=1 << 32)?;
     let listener = bind(SocketAddr::from(([0, 0, 0, 0], port)))
         .and_then(|listener| listener.set_nonblocking(true).map(|()| listener))
         .and_then(TcpListener::from_std)
         .map_err(|err| format!("listen on port {port}: {err}"))?;
+    let port = listener.local_addr().map_or(port, |address| address.port()); // PORT=0 picks one
     let cores = std::thread::available_parallelism().map_or(1, NonZero::get);
     let state = Arc::new(State {
         build,
@@ -94,7 +94,7 @@ async fn run(
         resize_queue: Semaphore::new(cores * QUEUE_PER_CORE),
     });
     let serving = async move {
-        info!(port, version = build.version, "server started");
+        info!(name = env!("CARGO_PKG_NAME"), port, version = build.version, "server started");
         serve(listener, move |req| route(req, state.clone()), shutdown).await;
         Ok(())
     };
@@ -151,12 +151,13 @@ fn handle_openapi(state: &State) -> Response<Body> {
 #[prefix = "openapi.yaml"]
 struct OpenApiFile;
 
-/// openapi.yaml with `info.version` set to the build's version (quoted: "1.0" is not a number).
+/// openapi.yaml with the package's name and the build's version (quoted: "1.0" is not a number).
 fn openapi_document(version: &str) -> Bytes {
     let file = OpenApiFile::get("openapi.yaml").expect("openapi.yaml is embedded at build time");
-    let quoted = serde_json::Value::from(version);
+    let quoted = |text: &str| serde_json::Value::from(text).to_string();
     String::from_utf8_lossy(&file.data)
-        .replacen("version: local\n", &format!("version: {quoted}\n"), 1)
+        .replacen("title: package name\n", &format!("title: {}\n", quoted(env!("CARGO_PKG_NAME"))), 1)
+        .replacen("version: local\n", &format!("version: {}\n", quoted(version)), 1)
         .into()
 }
 
@@ -191,8 +192,7 @@ async fn read_body(req: Request<Incoming>, max_bytes: u64) -> Result<Vec<u8>, Re
         }
         Ok::<_, hyper::Error>(false)
     };
-    let outcome = tokio::time::timeout(BODY_READ_TIMEOUT, read_all).await;
-    match outcome {
+    match tokio::time::timeout(BODY_READ_TIMEOUT, read_all).await {
         Err(_) => Err((StatusCode::REQUEST_TIMEOUT, "the body came too slowly".into())),
         Ok(Err(err)) => Err((StatusCode::BAD_REQUEST, format!("reading the body: {err}"))),
         Ok(Ok(true)) if data.is_empty() => Err((StatusCode::BAD_REQUEST, "empty body".into())),
