@@ -65,7 +65,8 @@ template:
 	for file in $(TWINS); do $(TWIN) $$file > $$file.liquid; done
 
 # The twins are current, and a project generated under another name (from a copy without target/)
-# builds, passes its tests and names itself; it shares target/, so only the crate is rebuilt.
+# names itself, builds as the Dockerfile does and passes its tests; it shares target/, so only the
+# crate is rebuilt.
 template-check:
 	command -v cargo-generate >/dev/null || cargo install --locked cargo-generate --version 0.23.14
 	for file in $(TWINS); do $(TWIN) $$file | cmp -s - $$file.liquid || \
@@ -75,7 +76,7 @@ template-check:
 	cargo generate --path "$$work/template" --name my-service --destination "$$work" --vcs none --silent && \
 	cd "$$work/my-service" && \
 	if grep -rIi $(BIN) . | grep -v '$(BIN)\.go'; then echo "the lines above still say $(BIN)"; exit 1; fi && \
-	CARGO_TARGET_DIR=$(CURDIR)/target $(MAKE) build test
+	CARGO_TARGET_DIR=$(CURDIR)/target $(MAKE) install DEST="$$work/service" test
 
 # The load harness and reference servers (sharp, Pillow, kickstart.go) kept beside the repository.
 BENCH ?= ../shared/bench
