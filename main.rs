@@ -1,19 +1,16 @@
 //! A minimal, production-shaped HTTP service in one file. Read it top to bottom: `main`, `run` (the
 //! wiring), `route` (the endpoints), the handlers, the server loop, middleware, helpers.
 
-use std::future::{Future, poll_fn};
-use std::net::{IpAddr, SocketAddr};
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::time::{Duration, Instant};
-use std::{convert::Infallible, io, num::NonZero, ops::RangeInclusive, pin::pin, sync::Arc, task::Poll};
+use std::sync::{Arc, atomic::AtomicBool, atomic::Ordering::Relaxed};
+use std::{convert::Infallible, io, num::NonZero, ops::RangeInclusive, pin::pin, task::Poll};
+use std::{future::Future, future::poll_fn, net::IpAddr, net::SocketAddr, time::Duration, time::Instant};
 
 use fast_image_resize::Resizer;
 use http_body_util::{BodyExt, Full};
-use hyper::body::{Body as _, Bytes, Incoming};
-use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode, Uri, server::conn::http1, service::service_fn};
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper::{body::Body as _, body::Bytes, body::Incoming, header, header::HeaderValue};
+use hyper_util::{rt::TokioIo, rt::TokioTimer, server::graceful::GracefulShutdown};
 use image::ImageFormat::{self, Gif, Jpeg, Png, WebP};
 use image::codecs::png::{CompressionType::Fast, FilterType::Adaptive, PngEncoder};
 use image::codecs::webp::WebPEncoder;
@@ -52,7 +49,7 @@ async fn main() -> std::process::ExitCode {
     };
     log_panics();
     let getenv = |key: &str| std::env::var(key).ok();
-    if let Err(err) = run(getenv, io::stdout, shutdown_signal(), build, std::net::TcpListener::bind).await {
+    if let Err(err) = run(getenv, io::stdout, shutdown_signal, build, std::net::TcpListener::bind).await {
         eprintln!("{err}");
         return std::process::ExitCode::FAILURE;
     }
@@ -68,16 +65,17 @@ struct BuildInfo {
     dirty: bool,
 }
 
-/// Reads the configuration, binds and serves until `shutdown` resolves with its cause. All it
+/// Reads the configuration, binds and serves until a `signal` resolves with its cause. All it
 /// needs from the outside comes in as a parameter, so tests run the real server in-process.
-async fn run(
+async fn run<S: Future<Output = &'static str>>(
     getenv: impl Fn(&str) -> Option<String>, log_writer: impl for<'w> MakeWriter<'w> + Send + Sync + 'static,
-    shutdown: impl Future<Output = &'static str>, build: BuildInfo,
+    signal: impl Fn() -> S, build: BuildInfo,
     bind: impl FnOnce(SocketAddr) -> io::Result<std::net::TcpListener>,
 ) -> Result<(), String> {
     let port = env_in_range(&getenv, "PORT", 8080, 0..=65535)? as u16;
     let max_bytes = env_in_range(&getenv, "RESIZE_MAX_BYTES", 20 << 20, 1..=1 << 30)?;
     let max_pixels = env_in_range(&getenv, "RESIZE_MAX_PIXELS", 50_000_000, 1..=1 << 32)?;
+    let delay = Duration::from_secs(env_in_range(&getenv, "SHUTDOWN_DELAY", 0, 0..=3600)?);
     let listener = bind(SocketAddr::from(([0, 0, 0, 0], port)))
         .and_then(|listener| listener.set_nonblocking(true).map(|()| listener))
         .and_then(TcpListener::from_std)
@@ -86,6 +84,7 @@ async fn run(
     let cores = std::thread::available_parallelism().map_or(1, NonZero::get);
     let state = Arc::new(State {
         build,
+        ready: AtomicBool::new(true),
         started: Instant::now(),
         openapi: openapi_document(build.version),
         max_bytes,
@@ -93,6 +92,16 @@ async fn run(
         resize_workers: Semaphore::new(cores),
         resize_queue: Semaphore::new(cores * QUEUE_PER_CORE),
     });
+    let draining = state.clone();
+    // Kubernetes stops sending requests only a while after SIGTERM: meanwhile, report not ready and
+    // serve on. A second signal cuts the delay short.
+    let shutdown = async move {
+        let cause = signal().await;
+        draining.ready.store(false, Relaxed);
+        info!(cause, delay_s = delay.as_secs(), "not ready, shutting down after the delay");
+        tokio::select! { () = tokio::time::sleep(delay) => {}, _ = signal() => {} }
+        cause
+    };
     let serving = async move {
         info!(name = env!("CARGO_PKG_NAME"), port, version = build.version, "server started");
         serve(listener, move |req| route(req, state.clone()), shutdown).await;
@@ -104,6 +113,7 @@ async fn run(
 /// What the handlers share, computed once at start-up.
 struct State {
     build: BuildInfo,
+    ready: AtomicBool,
     started: Instant,
     openapi: Bytes,
     max_bytes: u64,
@@ -128,14 +138,16 @@ async fn route(req: Request<Incoming>, state: Arc<State>) -> Response<Body> {
     }
 }
 
-/// Reports the build and the uptime, with kickstart.go's keys so one dashboard reads both.
+/// Reports readiness, the build and the uptime, with kickstart.go's keys so one dashboard reads both.
 fn handle_health(state: &State) -> Response<Body> {
-    let build = &state.build;
+    let (build, ready) = (&state.build, state.ready.load(Relaxed));
     let body = serde_json::json!({
-        "status": "pass", "version": build.version, "uptime": go_duration(state.started.elapsed()),
-        "lastCommitHash": build.commit_hash, "lastCommitTime": build.commit_time, "dirtyBuild": build.dirty,
-    });
-    response(StatusCode::OK, "application/json", body.to_string())
+        "status": if ready { "pass" } else { "fail" }, "uptime": go_duration(state.started.elapsed()),
+        "version": build.version, "lastCommitHash": build.commit_hash, "lastCommitTime": build.commit_time,
+        "dirtyBuild": build.dirty,
+    })
+    .to_string();
+    response(if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, "application/json", body)
 }
 
 /// Serves openapi.yaml to any origin, so API tools running in a browser can load it.
@@ -296,8 +308,7 @@ impl Resize {
             PixelFormat::L8 => GrayImage::from_raw(width, height, pixels).map(Into::into),
             _ => None,
         };
-        let unsupported =
-            (StatusCode::UNSUPPORTED_MEDIA_TYPE, "only 8-bit RGB or grey JPEGs are supported".into());
+        let unsupported = (StatusCode::UNSUPPORTED_MEDIA_TYPE, "only 8-bit RGB or grey JPEGs".into());
         Ok((image.ok_or(unsupported)?, orientation))
     }
 
@@ -438,10 +449,7 @@ async fn shutdown_signal() -> &'static str {
     use tokio::signal::unix::{SignalKind, signal};
     let mut interrupt = signal(SignalKind::interrupt()).expect("SIGINT handler");
     let mut terminate = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = interrupt.recv() => "SIGINT",
-        _ = terminate.recv() => "SIGTERM",
-    }
+    tokio::select! { _ = interrupt.recv() => "SIGINT", _ = terminate.recv() => "SIGTERM" }
 }
 
 /// A number from the environment, `default` where unset; set but empty counts as unset.
@@ -458,23 +466,15 @@ fn parse_in_range(name: &str, value: &str, range: RangeInclusive<u64>) -> Result
     number.ok_or_else(|| format!("invalid {name} {value:?}: {what} must be between {min} and {max}"))
 }
 
-/// Formats like Go's time.Duration ("1h2m3.456s"), to the millisecond.
+/// Hours, minutes and seconds to the millisecond ("1h2m3.456s"), as Go's time.ParseDuration reads.
 fn go_duration(elapsed: Duration) -> String {
-    let (millis, minutes, hours) =
-        (elapsed.as_millis(), elapsed.as_secs() / 60 % 60, elapsed.as_secs() / 3600);
-    let seconds = format!("{}.{:03}", millis / 1000 % 60, millis % 1000);
-    let seconds = seconds.trim_end_matches('0').trim_end_matches('.');
-    match (hours, minutes) {
-        (0, 0) => format!("{seconds}s"),
-        (0, _) => format!("{minutes}m{seconds}s"),
-        _ => format!("{hours}h{minutes}m{seconds}s"),
-    }
+    let (secs, millis) = (elapsed.as_secs(), elapsed.subsec_millis());
+    format!("{}h{}m{}.{millis:03}s", secs / 3600, secs / 60 % 60, secs % 60)
 }
 
 /// The one error shape of the service: `{"error": "..."}`. A 503 says when to retry.
 fn error_response(status: StatusCode, message: &str) -> Response<Body> {
-    let body = serde_json::json!({ "error": message });
-    let mut res = response(status, "application/json", body.to_string());
+    let mut res = response(status, "application/json", serde_json::json!({ "error": message }).to_string());
     if status == StatusCode::SERVICE_UNAVAILABLE {
         res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }

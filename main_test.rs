@@ -28,8 +28,11 @@ async fn health_reports_the_build_and_the_uptime() {
     assert_eq!(res.headers()[header::CONTENT_TYPE], "application/json");
     let health: Value = serde_json::from_str(res.body()).expect("JSON body");
     let uptime = health["uptime"].as_str().expect("uptime is a string");
-    let seconds = uptime.strip_suffix('s').and_then(|s| s.parse::<f64>().ok());
-    assert!(seconds.is_some(), "uptime {uptime:?} is not like Go's 1.234s");
+    let (hours, rest) = uptime.split_once('h').unwrap_or_default();
+    let (minutes, seconds) = rest.split_once('m').unwrap_or_default();
+    let numbers =
+        (hours.parse::<u64>(), minutes.parse::<u64>(), seconds.trim_end_matches('s').parse::<f64>());
+    assert!(matches!(numbers, (Ok(_), Ok(_), Ok(_))), "uptime {uptime:?} is not like Go's 0h0m1.234s");
     let expected = json!({
         "status": "pass",
         "version": "v1.2.3-test",
@@ -103,13 +106,13 @@ async fn an_invalid_port_is_an_error_naming_it_and_nothing_is_bound() {
         let (log_writer, _logs) = Logs::capture();
         let bind = |_| -> io::Result<std::net::TcpListener> { panic!("bound with PORT={bad:?}") };
         let getenv = |_: &str| Some(bad.to_owned());
-        let result = run(getenv, log_writer, std::future::pending(), BUILD, bind).await;
+        let result = run(getenv, log_writer, std::future::pending, BUILD, bind).await;
         let expected = format!("invalid PORT {bad:?}: port must be between 0 and 65535");
         assert_eq!(result.expect_err(bad).to_string(), expected);
     }
     let (log_writer, _logs) = Logs::capture();
     let getenv = |_: &str| Some("abc".to_owned());
-    let result = run(getenv, log_writer, std::future::pending(), BUILD, bind_ephemeral).await;
+    let result = run(getenv, log_writer, std::future::pending, BUILD, bind_ephemeral).await;
     let message = result.expect_err("abc").to_string();
     assert_eq!(message, r#"invalid PORT "abc": port must be between 0 and 65535"#);
 }
@@ -123,8 +126,8 @@ async fn port_defaults_to_8080_and_an_empty_port_counts_as_unset() {
             requested_tx.send(address).expect("test is waiting");
             bind_ephemeral(address)
         };
-        let getenv = |_: &str| port.map(str::to_owned);
-        let stop_at_once = async { "test" };
+        let getenv = |key: &str| port.filter(|_| key == "PORT").map(str::to_owned);
+        let stop_at_once = || async { "test" };
         run(getenv, log_writer, stop_at_once, BUILD, bind).await.expect("server runs");
         let requested = requested.recv().expect("bind was called");
         assert_eq!(requested, SocketAddr::from(([0, 0, 0, 0], expected)), "PORT={port:?}");
@@ -145,7 +148,9 @@ async fn logs_are_json_lines_with_one_access_line_per_request() {
         assert!(line["message"].is_string(), "{line}");
     }
     let messages: Vec<&str> = lines.iter().map(|l| l["message"].as_str().unwrap_or_default()).collect();
-    assert_eq!(messages, ["server started", "accessed", "shutting down", "server stopped"]);
+    let expected =
+        ["server started", "accessed", "not ready, shutting down after the delay", "shutting down"];
+    assert_eq!(messages, [&expected[..], &["server stopped"]].concat());
     assert_eq!(lines[0]["name"], env!("CARGO_PKG_NAME"));
     assert_eq!(lines[0]["port"], server_port, "the port bound, which PORT=0 leaves to the system");
     assert_eq!(lines[0]["version"], "v1.2.3-test");
@@ -158,7 +163,8 @@ async fn logs_are_json_lines_with_one_access_line_per_request() {
     assert_eq!(access["status"], 200);
     assert_eq!(access["bytes"], body_bytes);
     assert!(access["latency_us"].is_u64(), "latency_us in {access}");
-    assert_eq!(lines[2]["cause"], "SIGTERM");
+    assert_eq!((&lines[2]["cause"], &lines[2]["delay_s"]), (&json!("SIGTERM"), &json!(0)));
+    assert_eq!(lines[3]["cause"], "SIGTERM");
 }
 
 #[tokio::test]
@@ -242,6 +248,29 @@ async fn shutdown_closes_connections_still_open_after_the_grace_period() {
     let warning = server.logs.wait_for("server stopped, closing connections still open").await;
     assert_eq!(warning["open"], 1);
     assert!(stuck.await.expect("client task").is_err(), "the stuck request was answered");
+}
+
+#[tokio::test]
+async fn health_fails_during_the_shutdown_delay_while_other_routes_serve() {
+    let mut server = TestServer::start(&[("SHUTDOWN_DELAY", "3600")]).await;
+    assert_eq!(request(server.addr, Method::GET, "/health").await.status(), StatusCode::OK);
+
+    server.signal.notify_one();
+    let not_ready = server.logs.wait_for("not ready, shutting down after the delay").await;
+    assert_eq!(not_ready["delay_s"], 3600);
+    let health = request(server.addr, Method::GET, "/health").await;
+    assert_eq!(health.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let health: Value = serde_json::from_str(health.body()).expect("JSON body");
+    assert_eq!(health["status"], "fail");
+    let openapi = request(server.addr, Method::GET, "/openapi.yaml").await;
+    assert_eq!(openapi.status(), StatusCode::OK, "other routes still serve");
+    let resized = resize(server.addr, "width=4", jpeg(8, 8, None)).await;
+    assert_eq!(resized.status(), StatusCode::OK, "other routes still serve");
+
+    // A second signal cuts the delay short; nothing here waits for the clock.
+    let lines = server.stop().await;
+    let messages: Vec<&str> = lines.iter().map(|l| l["message"].as_str().unwrap_or_default()).collect();
+    assert_eq!(messages, ["accessed", "accessed", "accessed", "shutting down", "server stopped"]);
 }
 
 #[tokio::test(start_paused = true)]
@@ -469,7 +498,7 @@ fn build_info_is_the_commit_being_built() {
 #[test]
 fn uptime_reads_like_a_go_duration() {
     let cases =
-        [(0, "0s"), (1_500, "1.5s"), (61_001, "1m1.001s"), (3_723_450, "1h2m3.45s"), (7_200_000, "2h0m0s")];
+        [(0, "0h0m0.000s"), (61_001, "0h1m1.001s"), (3_723_450, "1h2m3.450s"), (90_000_000, "25h0m0.000s")];
     for (millis, expected) in cases {
         assert_eq!(go_duration(Duration::from_millis(millis)), expected);
     }
@@ -479,7 +508,8 @@ fn uptime_reads_like_a_go_duration() {
 struct TestServer {
     addr: SocketAddr,
     logs: Logs,
-    stop: oneshot::Sender<&'static str>,
+    /// Each notification stands for one SIGTERM.
+    signal: Arc<Notify>,
     done: tokio::task::JoinHandle<Result<(), String>>,
 }
 
@@ -487,7 +517,7 @@ impl TestServer {
     async fn start(env: &'static [(&'static str, &'static str)]) -> TestServer {
         log_panics_once();
         let (log_writer, logs) = Logs::capture();
-        let (stop, stopped) = oneshot::channel();
+        let signal = Arc::new(Notify::new());
         let (addr_tx, addr) = oneshot::channel();
         let bind = move |requested| {
             let listener = bind_ephemeral(requested)?;
@@ -495,15 +525,24 @@ impl TestServer {
             Ok(listener)
         };
         let getenv = |key: &str| env.iter().find(|(k, _)| *k == key).map(|(_, v)| v.to_string());
-        let shutdown = async { stopped.await.unwrap_or("test dropped") };
-        let done = tokio::spawn(run(getenv, log_writer, shutdown, BUILD, bind));
+        let sigterm = {
+            let signal = signal.clone();
+            move || {
+                let signal = signal.clone();
+                async move {
+                    signal.notified().await;
+                    "SIGTERM"
+                }
+            }
+        };
+        let done = tokio::spawn(run(getenv, log_writer, sigterm, BUILD, bind));
         let addr = addr.await.expect("server bound a port");
-        TestServer { addr, logs, stop, done }
+        TestServer { addr, logs, signal, done }
     }
 
     /// Sends SIGTERM's stand-in, waits until `run` returns Ok, and returns every line it logged.
     async fn stop(mut self) -> Vec<Value> {
-        self.stop.send("SIGTERM").expect("server is running");
+        self.signal.notify_one();
         self.done.await.expect("run task").expect("run returned Ok");
         std::iter::from_fn(|| self.logs.try_next()).collect()
     }
