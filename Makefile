@@ -5,7 +5,7 @@ BIN := $(shell sed -n 's/^name = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
 # The release binary links glibc statically, so it runs in an image with no libc at all. That is
 # safe because the service resolves no host names (glibc's NSS cannot be linked statically).
 TARGET := $(shell rustc -vV | sed -n 's/^host: //p')
-RELEASE_BIN := target/$(TARGET)/release/$(BIN)
+RELEASE_BIN := $(or $(CARGO_TARGET_DIR),target)/$(TARGET)/release/$(BIN)
 DOCKER ?= docker
 IMAGE ?= $(BIN)
 LINT_TOOLS := target/lint-tools
