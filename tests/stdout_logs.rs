@@ -3,7 +3,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 
 use serde_json::Value;
 
@@ -13,13 +13,15 @@ const BINARY: &str = env!(concat!("CARGO_BIN_EXE_", env!("CARGO_PKG_NAME")));
 /// a second SIGTERM ends the delay early, and the process exits 0.
 #[test]
 fn stdout_is_json_lines_that_fluent_bit_parses_from_start_to_shutdown() {
-    let mut server = Command::new(BINARY)
+    let server = Command::new(BINARY)
         .env("PORT", "0")
         .env("SHUTDOWN_DELAY", "3600")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("start the binary");
+    let mut server = KillOnDrop(server);
+    let server = &mut server.0;
     let mut stdout = BufReader::new(server.stdout.take().expect("stdout is piped"));
     // The first line says the server listens, and on which port: PORT=0 lets the system choose.
     let mut output = String::new();
@@ -58,6 +60,15 @@ fn stdout_is_json_lines_that_fluent_bit_parses_from_start_to_shutdown() {
     let statuses: Vec<&Value> = lines.iter().filter_map(|line| line.get("status")).collect();
     assert_eq!(statuses, [200, 404, 415, 503, 200]);
     assert_eq!(lines[7]["cause"], "SIGTERM");
+}
+
+/// Kills the server when the test fails before it has stopped it.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+    }
 }
 
 /// One JSON object with a `timestamp` Fluent Bit can parse, or the test fails naming the line.
