@@ -2,7 +2,8 @@
 # `make docker` builds it with the commit facts; .dockerignore keeps .git out of the context.
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
-# The dependencies first, in a layer of their own: rebuilt only when Cargo.toml or Cargo.lock change.
+# The dependencies first, in a layer of their own: rebuilt only when Cargo.toml, Cargo.lock or the
+# Makefile change.
 COPY Cargo.toml Cargo.lock Makefile ./
 RUN echo 'fn main() {}' > main.rs && make build && rm main.rs
 COPY . .
