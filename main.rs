@@ -1,9 +1,9 @@
 //! A minimal, production-shaped HTTP service in one file. Read it top to bottom: `main`, `run` (the
 //! wiring), `route` (the endpoints), the handlers, the server loop, middleware, helpers.
 
-use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 use std::sync::{Arc, atomic::AtomicBool, atomic::Ordering::Relaxed};
-use std::{convert::Infallible, io, num::NonZero, ops::RangeInclusive, pin::pin, task::Poll};
+use std::{convert::Infallible, io, ops::RangeInclusive, pin::pin, task::Poll};
 use std::{future::Future, future::poll_fn, net::IpAddr, net::SocketAddr, time::Duration, time::Instant};
 
 use fast_image_resize::Resizer;
@@ -18,7 +18,7 @@ use image::metadata::Orientation::{self, NoTransforms};
 use image::{DynamicImage, GrayImage, ImageDecoder, ImageError, ImageReader, RgbImage, Rgba};
 use jpeg_decoder::PixelFormat;
 use jpeg_encoder::ColorType;
-use tokio::{net::TcpListener, sync::Semaphore, task::JoinSet};
+use tokio::{net::TcpListener, sync::Semaphore, sync::oneshot, task::JoinSet};
 use tracing::{Dispatch, error, info, instrument::WithSubscriber, subscriber::NoSubscriber, warn};
 use tracing_subscriber::fmt::MakeWriter;
 
@@ -81,7 +81,6 @@ async fn run<S: Future<Output = &'static str>>(
         .and_then(TcpListener::from_std)
         .map_err(|err| format!("listen on port {port}: {err}"))?;
     let port = listener.local_addr().map_or(port, |address| address.port()); // PORT=0 picks one
-    let cores = std::thread::available_parallelism().map_or(1, NonZero::get);
     let state = Arc::new(State {
         build,
         ready: AtomicBool::new(true),
@@ -89,8 +88,8 @@ async fn run<S: Future<Output = &'static str>>(
         openapi: openapi_document(build.version),
         max_bytes,
         max_pixels,
-        resize_workers: Semaphore::new(cores),
-        resize_queue: Semaphore::new(cores * QUEUE_PER_CORE),
+        resize_workers: Arc::new(Semaphore::new(rayon::current_num_threads())),
+        resize_queue: Semaphore::new(rayon::current_num_threads() * QUEUE_PER_CORE),
     });
     let draining = state.clone();
     // Kubernetes stops sending requests only a while after SIGTERM: meanwhile, report not ready and
@@ -119,7 +118,7 @@ struct State {
     max_bytes: u64,
     max_pixels: u64,
     /// One permit per core: the images being decoded, resized or encoded.
-    resize_workers: Semaphore,
+    resize_workers: Arc<Semaphore>,
     /// Resize requests admitted, working or waiting: it bounds the memory their bodies hold.
     resize_queue: Semaphore,
 }
@@ -182,12 +181,16 @@ async fn handle_resize(req: Request<Incoming>, state: &State) -> Result<Response
     let body = read_body(req, state.max_bytes).await?;
     let job =
         Resize::parse(&query, state.max_pixels).map_err(|message| (StatusCode::BAD_REQUEST, message))?;
-    let _working = state.resize_workers.acquire().await.expect("the semaphore is never closed");
-    // The blocking thread logs to this request's logger; a panic there goes on to `recover` (500).
-    let logs = tracing::dispatcher::get_default(Dispatch::clone);
-    let work = move || tracing::dispatcher::with_default(&logs, || job.run(&body));
-    let done = tokio::task::spawn_blocking(work).await;
-    let (image, format) = done.unwrap_or_else(|err| std::panic::resume_unwind(err.into_panic()))?;
+    let working = state.resize_workers.clone().acquire_owned().await.expect("the semaphore stays open");
+    // On rayon's threads, which jpeg-decoder shares: a job keeps its core even if the client leaves.
+    let (logs, (done, answer)) = (tracing::dispatcher::get_default(Dispatch::clone), oneshot::channel());
+    rayon::spawn(move || {
+        let _working = working;
+        let work = || tracing::dispatcher::with_default(&logs, || job.run(&body));
+        let _ = done.send(catch_unwind(AssertUnwindSafe(work))); // the client may have left
+    });
+    let outcome = answer.await.expect("the job always sends");
+    let (image, format) = outcome.unwrap_or_else(|panic| resume_unwind(panic))?;
     Ok(response(StatusCode::OK, format.to_mime_type(), image))
 }
 
@@ -248,7 +251,7 @@ impl Resize {
         job.width.or(job.height).map(|_| job).ok_or_else(|| "width or height is required".into())
     }
 
-    /// Decodes, resizes and encodes: CPU work, for a blocking thread. GIF comes out as PNG.
+    /// Decodes, resizes and encodes: CPU work, for a pool thread. GIF comes out as PNG.
     fn run(&self, input: &[u8]) -> Result<(Vec<u8>, ImageFormat), Refusal> {
         let (image, input_format) = self.decode_and_fit(input)?;
         let format = self.format.unwrap_or(if input_format == Gif { Png } else { input_format });
@@ -264,10 +267,9 @@ impl Resize {
 
     /// The image decoded, resized to fit and turned upright as its EXIF says, ready to encode.
     fn decode_and_fit(&self, input: &[u8]) -> Result<(DynamicImage, ImageFormat), Refusal> {
-        let unsupported = (StatusCode::UNSUPPORTED_MEDIA_TYPE, "not a JPEG, PNG, WebP or GIF".into());
         let format = match image::guess_format(input) {
             Ok(format @ (Jpeg | Png | WebP | Gif)) => format,
-            _ => return Err(unsupported),
+            _ => return Err((StatusCode::UNSUPPORTED_MEDIA_TYPE, "not a JPEG, PNG, WebP or GIF".into())),
         };
         let (image, orientation) = match format {
             Jpeg => self.decode_jpeg(input)?,
@@ -437,10 +439,8 @@ fn log_panics() {
         }
         let message = info.payload_as_str().unwrap_or("panic payload is not a string");
         let location = info.location().map(ToString::to_string).unwrap_or_default();
-        let request = REQUEST.try_with(|(method, uri)| (method.clone(), uri.clone())).ok();
-        let method = request.as_ref().map(|(method, _)| method.as_str());
-        let path = request.as_ref().map(|(_, uri)| uri.path());
-        error!(panic = message, location, method, path, "panic");
+        let request = REQUEST.try_with(|(method, uri)| format!("{method} {}", uri.path())).ok();
+        error!(panic = message, location, request, "panic");
     }));
 }
 

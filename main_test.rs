@@ -189,8 +189,7 @@ async fn a_panicking_handler_gets_a_500_and_the_connection_keeps_serving() {
     assert_eq!(panic["panic"], "secret detail");
     let location = panic["location"].as_str().expect("location");
     assert!(location.starts_with("main_test.rs:"), "location {location}");
-    assert_eq!(panic["method"], "GET");
-    assert_eq!(panic["path"], "/panic");
+    assert_eq!(panic["request"], "GET /panic");
     assert_eq!(server.logs.wait_for("accessed").await["status"], 500);
     server.stop().await;
 }
