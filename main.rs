@@ -3,7 +3,7 @@
 
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 use std::sync::{Arc, atomic::AtomicBool, atomic::Ordering::Relaxed};
-use std::{convert::Infallible, io, ops::RangeInclusive, pin::pin, task::Poll};
+use std::{convert::Infallible, io, ops::RangeInclusive, pin::pin, process::ExitCode, task::Poll};
 use std::{future::Future, future::poll_fn, net::IpAddr, net::SocketAddr, time::Duration, time::Instant};
 
 use fast_image_resize::Resizer;
@@ -16,7 +16,6 @@ use image::codecs::png::{CompressionType::Fast, FilterType::Adaptive, PngEncoder
 use image::codecs::webp::WebPEncoder;
 use image::metadata::Orientation::{self, NoTransforms};
 use image::{DynamicImage, GrayImage, ImageDecoder, ImageError, ImageReader, RgbImage, Rgba};
-use jpeg_decoder::PixelFormat;
 use jpeg_encoder::ColorType;
 use tokio::{net::TcpListener, sync::Semaphore, sync::oneshot, task::JoinSet};
 use tracing::{Dispatch, error, info, instrument::WithSubscriber, subscriber::NoSubscriber, warn};
@@ -40,7 +39,7 @@ const MAX_SIDE: u64 = 10_000;
 const QUEUE_PER_CORE: usize = 8;
 
 #[tokio::main]
-async fn main() -> std::process::ExitCode {
+async fn main() -> ExitCode {
     let build = BuildInfo {
         version: env!("VERSION"),
         commit_hash: env!("GIT_COMMIT"),
@@ -49,11 +48,8 @@ async fn main() -> std::process::ExitCode {
     };
     log_panics();
     let getenv = |key: &str| std::env::var(key).ok();
-    if let Err(err) = run(getenv, io::stdout, shutdown_signal, build, std::net::TcpListener::bind).await {
-        eprintln!("{err}");
-        return std::process::ExitCode::FAILURE;
-    }
-    std::process::ExitCode::SUCCESS
+    let served = run(getenv, io::stdout, shutdown_signal, build, std::net::TcpListener::bind).await;
+    served.inspect_err(|err| eprintln!("{err}")).map_or(ExitCode::FAILURE, |()| ExitCode::SUCCESS)
 }
 
 /// The build's version and last commit, embedded by build.rs; a parameter so tests choose it.
@@ -179,8 +175,7 @@ async fn handle_resize(req: Request<Incoming>, state: &State) -> Result<Response
     // The query is checked once the body is read: a client still sending gets its 400, not a reset.
     let query = req.uri().query().unwrap_or_default().to_owned();
     let body = read_body(req, state.max_bytes).await?;
-    let job =
-        Resize::parse(&query, state.max_pixels).map_err(|message| (StatusCode::BAD_REQUEST, message))?;
+    let job = Resize::parse(&query, state.max_pixels).map_err(|text| (StatusCode::BAD_REQUEST, text))?;
     let working = state.resize_workers.clone().acquire_owned().await.expect("the semaphore stays open");
     // On rayon's threads, which jpeg-decoder shares: a job keeps its core even if the client leaves.
     let (logs, (done, answer)) = (tracing::dispatcher::get_default(Dispatch::clone), oneshot::channel());
@@ -189,8 +184,7 @@ async fn handle_resize(req: Request<Incoming>, state: &State) -> Result<Response
         let work = || tracing::dispatcher::with_default(&logs, || job.run(&body));
         let _ = done.send(catch_unwind(AssertUnwindSafe(work))); // the client may have left
     });
-    let outcome = answer.await.expect("the job always sends");
-    let (image, format) = outcome.unwrap_or_else(|panic| resume_unwind(panic))?;
+    let (image, format) = answer.await.expect("the job always sends").unwrap_or_else(|p| resume_unwind(p))?;
     Ok(response(StatusCode::OK, format.to_mime_type(), image))
 }
 
@@ -306,8 +300,8 @@ impl Resize {
         let (width, height) = decoder.scale(width as u16, height as u16).map_err(corrupt)?;
         let (width, height, pixels) = (width.into(), height.into(), decoder.decode().map_err(corrupt)?);
         let image: Option<DynamicImage> = match info.pixel_format {
-            PixelFormat::RGB24 => RgbImage::from_raw(width, height, pixels).map(Into::into),
-            PixelFormat::L8 => GrayImage::from_raw(width, height, pixels).map(Into::into),
+            jpeg_decoder::PixelFormat::RGB24 => RgbImage::from_raw(width, height, pixels).map(Into::into),
+            jpeg_decoder::PixelFormat::L8 => GrayImage::from_raw(width, height, pixels).map(Into::into),
             _ => None,
         };
         let unsupported = (StatusCode::UNSUPPORTED_MEDIA_TYPE, "only 8-bit RGB or grey JPEGs".into());
@@ -333,15 +327,13 @@ impl Resize {
 }
 
 /// JPEG with 4:2:0 chroma below quality 90, as libvips does; transparency goes on white.
-fn encode_jpeg(image: DynamicImage, quality: u8, out: &mut Vec<u8>) -> Result<(), ImageError> {
-    let rgb = match image {
-        DynamicImage::ImageRgba8(rgba) => {
-            let mut white = image::RgbaImage::from_pixel(rgba.width(), rgba.height(), Rgba([255; 4]));
-            image::imageops::overlay(&mut white, &rgba, 0, 0);
-            DynamicImage::from(white).into_rgb8()
-        }
-        other => other.into_rgb8(),
-    };
+fn encode_jpeg(mut image: DynamicImage, quality: u8, out: &mut Vec<u8>) -> Result<(), ImageError> {
+    if let DynamicImage::ImageRgba8(rgba) = &image {
+        let mut white = image::RgbaImage::from_pixel(rgba.width(), rgba.height(), Rgba([255; 4]));
+        image::imageops::overlay(&mut white, rgba, 0, 0);
+        image = white.into();
+    }
+    let rgb = image.into_rgb8();
     let (width, height) = (rgb.width() as u16, rgb.height() as u16);
     let encoded = jpeg_encoder::Encoder::new(out, quality).encode(&rgb, width, height, ColorType::Rgb);
     encoded.map_err(|err| ImageError::IoError(io::Error::other(err)))
