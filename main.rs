@@ -47,6 +47,12 @@ async fn main() -> ExitCode {
         dirty: env!("GIT_DIRTY") == "true",
     };
     log_panics();
+    // glibc's malloc would give each image's buffers back to the kernel, then fault them in again.
+    #[cfg(target_env = "gnu")] // SAFETY: mallopt only sets two thresholds; any value is allowed.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 16 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 32 << 20);
+    }
     let getenv = |key: &str| std::env::var(key).ok();
     let served = run(getenv, io::stdout, shutdown_signal, build, std::net::TcpListener::bind).await;
     served.inspect_err(|err| eprintln!("{err}")).map_or(ExitCode::FAILURE, |()| ExitCode::SUCCESS)
@@ -77,6 +83,7 @@ async fn run<S: Future<Output = &'static str>>(
         .and_then(TcpListener::from_std)
         .map_err(|err| format!("listen on port {port}: {err}"))?;
     let port = listener.local_addr().map_or(port, |address| address.port()); // PORT=0 picks one
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
     let state = Arc::new(State {
         build,
         ready: AtomicBool::new(true),
@@ -84,8 +91,8 @@ async fn run<S: Future<Output = &'static str>>(
         openapi: openapi_document(build.version),
         max_bytes,
         max_pixels,
-        resize_workers: Arc::new(Semaphore::new(rayon::current_num_threads())),
-        resize_queue: Semaphore::new(rayon::current_num_threads() * QUEUE_PER_CORE),
+        resize_workers: Arc::new(Semaphore::new(cores)),
+        resize_queue: Semaphore::new(cores * QUEUE_PER_CORE),
     });
     let draining = state.clone();
     // Kubernetes stops sending requests only a while after SIGTERM: meanwhile, report not ready and
@@ -177,9 +184,12 @@ async fn handle_resize(req: Request<Incoming>, state: &State) -> Result<Response
     let body = read_body(req, state.max_bytes).await?;
     let job = Resize::parse(&query, state.max_pixels).map_err(|text| (StatusCode::BAD_REQUEST, text))?;
     let working = state.resize_workers.clone().acquire_owned().await.expect("the semaphore stays open");
-    // On rayon's threads, which jpeg-decoder shares: a job keeps its core even if the client leaves.
+    // Each image gets a rayon pool of one thread, so that jpeg-decoder's rayon work stays with it (on
+    // a shared pool, a thread waiting for its share took the next image). It keeps its core to the end.
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build();
+    let pool = pool.map_err(|err| (StatusCode::SERVICE_UNAVAILABLE, format!("starting a thread: {err}")))?;
     let (logs, (done, answer)) = (tracing::dispatcher::get_default(Dispatch::clone), oneshot::channel());
-    rayon::spawn(move || {
+    pool.spawn(move || {
         let _working = working;
         let work = || tracing::dispatcher::with_default(&logs, || job.run(&body));
         let _ = done.send(catch_unwind(AssertUnwindSafe(work))); // the client may have left
