@@ -445,6 +445,40 @@ async fn a_body_that_comes_too_slowly_gets_408() {
     server.stop().await;
 }
 
+/// Past `QUEUE_PER_CORE` resize requests per core, working or waiting, the answer is 503 at once,
+/// with `Retry-After`; a client that leaves gives its place back.
+#[tokio::test]
+async fn resize_requests_past_the_queue_get_503_and_leaving_frees_a_place() {
+    let mut server = TestServer::start(&[]).await;
+    let places = std::thread::available_parallelism().map_or(1, usize::from) * QUEUE_PER_CORE;
+    let mut waiting = Vec::new();
+    for _ in 0..places {
+        let mut stream = TcpStream::connect(server.addr).await.expect("connect");
+        let head = "POST /resize?width=10 HTTP/1.1\r\nHost: test\r\nContent-Length: 10\r\nExpect: 100-continue\r\n\r\n";
+        stream.write_all(head.as_bytes()).await.expect("head");
+        // The server asks for the body once the request is admitted: the readiness signal.
+        let mut interim = [0; 25];
+        stream.read_exact(&mut interim).await.expect("100 Continue");
+        assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
+        waiting.push(stream);
+    }
+
+    let refused = resize(server.addr, "width=10", jpeg(64, 64, None)).await;
+    assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(refused.headers()[header::RETRY_AFTER], "1");
+    assert_eq!(refused.body().as_ref(), br#"{"error":"too many images in flight"}"#);
+    assert_eq!(request(server.addr, Method::GET, "/health").await.status(), StatusCode::OK);
+
+    drop(waiting);
+    let mut gone = 0; // each client that left is logged with the 400 for its unfinished body
+    while gone < places {
+        gone += usize::from(server.logs.wait_for("accessed").await["status"] == 400);
+    }
+    let admitted = resize(server.addr, "width=10", jpeg(64, 64, None)).await;
+    assert_eq!(admitted.status(), StatusCode::OK);
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn health_answers_while_images_are_resized() {
     let server = TestServer::start(&[]).await;
