@@ -16,8 +16,8 @@ use image::codecs::png::{CompressionType::Fast, FilterType::Adaptive, PngEncoder
 use image::codecs::webp::WebPEncoder;
 use image::metadata::Orientation::{self, NoTransforms};
 use image::{DynamicImage, GrayImage, ImageDecoder, ImageError, ImageReader, RgbImage, Rgba};
-use jpeg_encoder::ColorType;
-use tokio::{net::TcpListener, sync::Semaphore, sync::oneshot, task::JoinSet};
+use rusty_jpeg::{decode::PixelFormat, encode::ColorType};
+use tokio::{net::TcpListener, sync::Semaphore, task::JoinSet};
 use tracing::{Dispatch, error, info, instrument::WithSubscriber, subscriber::NoSubscriber, warn};
 use tracing_subscriber::fmt::MakeWriter;
 
@@ -184,17 +184,13 @@ async fn handle_resize(req: Request<Incoming>, state: &State) -> Result<Response
     let body = read_body(req, state.max_bytes).await?;
     let job = Resize::parse(&query, state.max_pixels).map_err(|text| (StatusCode::BAD_REQUEST, text))?;
     let working = state.resize_workers.clone().acquire_owned().await.expect("the semaphore stays open");
-    // Each image gets a rayon pool of one thread, so that jpeg-decoder's rayon work stays with it (on
-    // a shared pool, a thread waiting for its share took the next image). It keeps its core to the end.
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build();
-    let pool = pool.map_err(|err| (StatusCode::SERVICE_UNAVAILABLE, format!("starting a thread: {err}")))?;
-    let (logs, (done, answer)) = (tracing::dispatcher::get_default(Dispatch::clone), oneshot::channel());
-    pool.spawn(move || {
+    // Off the reactor. The permit goes with the job: an image keeps its core even if its client leaves.
+    let logs = tracing::dispatcher::get_default(Dispatch::clone);
+    let answer = tokio::task::spawn_blocking(move || {
         let _working = working;
-        let work = || tracing::dispatcher::with_default(&logs, || job.run(&body));
-        let _ = done.send(catch_unwind(AssertUnwindSafe(work))); // the client may have left
+        tracing::dispatcher::with_default(&logs, || job.run(&body))
     });
-    let (image, format) = answer.await.expect("the job always sends").unwrap_or_else(|p| resume_unwind(p))?;
+    let (image, format) = answer.await.unwrap_or_else(|err| resume_unwind(err.into_panic()))?;
     Ok(response(StatusCode::OK, format.to_mime_type(), image))
 }
 
@@ -300,7 +296,8 @@ impl Resize {
     /// Decodes at the smallest DCT scale (1/8 to 1) still at least the target size, as libvips does.
     fn decode_jpeg(&self, input: &[u8]) -> Result<(DynamicImage, Orientation), Refusal> {
         let corrupt = |err| (StatusCode::UNPROCESSABLE_ENTITY, format!("truncated or corrupt JPEG: {err}"));
-        let mut decoder = jpeg_decoder::Decoder::new(input);
+        let mut decoder = rusty_jpeg::decode::Decoder::new(input);
+        decoder.set_single_threaded(true); // images run one per core already
         decoder.read_info().map_err(corrupt)?;
         let info = decoder.info().expect("read_info found the frame");
         let size = (u32::from(info.width), u32::from(info.height));
@@ -310,8 +307,8 @@ impl Resize {
         let (width, height) = decoder.scale(width as u16, height as u16).map_err(corrupt)?;
         let (width, height, pixels) = (width.into(), height.into(), decoder.decode().map_err(corrupt)?);
         let image: Option<DynamicImage> = match info.pixel_format {
-            jpeg_decoder::PixelFormat::RGB24 => RgbImage::from_raw(width, height, pixels).map(Into::into),
-            jpeg_decoder::PixelFormat::L8 => GrayImage::from_raw(width, height, pixels).map(Into::into),
+            PixelFormat::RGB24 => RgbImage::from_raw(width, height, pixels).map(Into::into),
+            PixelFormat::L8 => GrayImage::from_raw(width, height, pixels).map(Into::into),
             _ => None,
         };
         let unsupported = (StatusCode::UNSUPPORTED_MEDIA_TYPE, "only 8-bit RGB or grey JPEGs".into());
@@ -345,7 +342,7 @@ fn encode_jpeg(mut image: DynamicImage, quality: u8, out: &mut Vec<u8>) -> Resul
     }
     let rgb = image.into_rgb8();
     let (width, height) = (rgb.width() as u16, rgb.height() as u16);
-    let encoded = jpeg_encoder::Encoder::new(out, quality).encode(&rgb, width, height, ColorType::Rgb);
+    let encoded = rusty_jpeg::encode::Encoder::new(out, quality).encode(&rgb, width, height, ColorType::Rgb);
     encoded.map_err(|err| ImageError::IoError(io::Error::other(err)))
 }
 

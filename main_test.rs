@@ -340,7 +340,10 @@ async fn alpha_survives_into_png_and_webp_and_goes_on_white_in_jpeg() {
         let (left, right) = (output.get_pixel(2, 8).0, output.get_pixel(29, 8).0);
         let alpha_or_white =
             |pixel: [u8; 4]| if expected[3] == 0 { pixel[3] } else { pixel[0].min(pixel[1]).min(pixel[2]) };
-        assert_eq!(alpha_or_white(left), alpha_or_white(expected), "{format:?} left {left:?}");
+        // JPEG is lossy: an edge in the same 16x16 block may move white by a step or two.
+        let tolerance = if format == Jpeg { 3 } else { 0 };
+        let off = alpha_or_white(left).abs_diff(alpha_or_white(expected));
+        assert!(off <= tolerance, "{format:?} left {left:?}");
         assert!(right[0] > 240 && right[1] < 15 && right[3] == 255, "{format:?} right {right:?}");
     }
     server.stop().await;
@@ -756,7 +759,7 @@ fn jpeg(width: u16, height: u16, exif: Option<&[u8]>) -> Vec<u8> {
 
 fn jpeg_of(image: &RgbImage, exif: Option<&[u8]>) -> Vec<u8> {
     let mut out = Vec::new();
-    let mut encoder = jpeg_encoder::Encoder::new(&mut out, 90);
+    let mut encoder = rusty_jpeg::encode::Encoder::new(&mut out, 90);
     if let Some(exif) = exif {
         encoder.add_app_segment(1, exif.to_vec()).expect("EXIF segment");
     }
