@@ -184,7 +184,8 @@ async fn handle_resize(req: Request<Incoming>, state: &State) -> Result<Response
     let body = read_body(req, state.max_bytes).await?;
     let job = Resize::parse(&query, state.max_pixels).map_err(|text| (StatusCode::BAD_REQUEST, text))?;
     let working = state.resize_workers.clone().acquire_owned().await.expect("the semaphore stays open");
-    // Off the reactor. The permit goes with the job: an image keeps its core even if its client leaves.
+    // The blocking thread logs to this request's logger; a panic there goes on to `recover` (500).
+    // The permit goes with the job: an image keeps its core until it is done, even if its client left.
     let logs = tracing::dispatcher::get_default(Dispatch::clone);
     let answer = tokio::task::spawn_blocking(move || {
         let _working = working;
@@ -251,7 +252,7 @@ impl Resize {
         job.width.or(job.height).map(|_| job).ok_or_else(|| "width or height is required".into())
     }
 
-    /// Decodes, resizes and encodes: CPU work, for a pool thread. GIF comes out as PNG.
+    /// Decodes, resizes and encodes: CPU work, for a blocking thread. GIF comes out as PNG.
     fn run(&self, input: &[u8]) -> Result<(Vec<u8>, ImageFormat), Refusal> {
         let (image, input_format) = self.decode_and_fit(input)?;
         let format = self.format.unwrap_or(if input_format == Gif { Png } else { input_format });
