@@ -1,42 +1,37 @@
 //! A minimal, production-shaped HTTP service in one file. Read it top to bottom: `main`, `run` (the
-//! wiring), `route` (the endpoints), the handlers, the server loop, middleware, helpers.
+//! wiring), `route` (the endpoints), the handlers, the middleware, the server loop, logging, helpers.
+//! The example endpoint, `POST /resize`, comes last, fenced so that it can be deleted in one cut.
 
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 use std::sync::{Arc, atomic::AtomicBool, atomic::Ordering::Relaxed};
-use std::{convert::Infallible, io, ops::RangeInclusive, pin::pin, process::ExitCode, task::Poll};
-use std::{future::Future, future::poll_fn, net::IpAddr, net::SocketAddr, time::Duration, time::Instant};
+use std::time::{Duration, Instant};
+use std::{convert::Infallible, fmt::Display, future::Future, future::poll_fn, io, pin::pin, task::Poll};
+use std::{net::IpAddr, net::SocketAddr, ops::RangeInclusive, process::ExitCode, str::FromStr};
 
-use fast_image_resize::Resizer;
 use http_body_util::{BodyExt, Full};
+use hyper::body::{Body as _, Bytes, Incoming};
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode, Uri, server::conn::http1, service::service_fn};
-use hyper::{body::Body as _, body::Bytes, body::Incoming, header, header::HeaderValue};
 use hyper_util::{rt::TokioIo, rt::TokioTimer, server::graceful::GracefulShutdown};
-use image::ImageFormat::{self, Gif, Jpeg, Png, WebP};
-use image::codecs::png::{CompressionType::Fast, FilterType::Adaptive, PngEncoder};
-use image::codecs::webp::WebPEncoder;
-use image::metadata::Orientation::{self, NoTransforms};
-use image::{DynamicImage, GrayImage, ImageDecoder, ImageError, ImageReader, RgbImage, Rgba};
-use rusty_jpeg::{decode::PixelFormat, encode::ColorType};
-use tokio::{net::TcpListener, sync::Semaphore, task::JoinSet};
-use tracing::{Dispatch, error, info, instrument::WithSubscriber, subscriber::NoSubscriber, warn};
-use tracing_subscriber::fmt::MakeWriter;
+use prometheus_client::encoding::{EncodeLabelSet, prometheus_text};
+use prometheus_client::metrics::{counter::Counter, family::Family, histogram::Histogram, info::Info};
+use prometheus_client::registry::{Registry, Unit};
+use tokio::{net::TcpListener, task::JoinSet};
+use tracing::{Dispatch, Event, error, info, instrument::WithSubscriber, subscriber::NoSubscriber, warn};
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, MakeWriter, format::JsonFields, format::Writer};
 
 type Body = Full<Bytes>;
-/// How a request is refused: the status and a message that names the problem.
-type Refusal = (StatusCode, String);
 
 /// A client that has not sent a whole request head by then is disconnected (Go's ReadHeaderTimeout).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long requests in flight at shutdown may take to finish before their connections are closed.
 const GRACE_PERIOD: Duration = Duration::from_secs(10);
-/// An upload slower than this is refused (408) instead of holding its place in the queue.
-const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long the rest of a refused body is read and dropped, so that its client sees the 413.
-const LINGER_TIME: Duration = Duration::from_secs(5);
-/// The largest width or height /resize produces.
-const MAX_SIDE: u64 = 10_000;
-/// Resize requests admitted per core, working or waiting for a core; past them, 503.
-const QUEUE_PER_CORE: usize = 8;
+/// Latency buckets in seconds, from `/health` (well under a millisecond) to a large image.
+const LATENCY_BUCKETS: [f64; 14] =
+    [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
+/// The methods counted by name in the metrics; any other counts as `OTHER`, adding no series.
+const METHODS: [&str; 9] = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE"];
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -47,12 +42,6 @@ async fn main() -> ExitCode {
         dirty: env!("GIT_DIRTY") == "true",
     };
     log_panics();
-    // glibc's malloc would give each image's buffers back to the kernel, then fault them in again.
-    #[cfg(target_env = "gnu")] // SAFETY: mallopt only sets two thresholds; any value is allowed.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 16 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 32 << 20);
-    }
     let getenv = |key: &str| std::env::var(key).ok();
     let served = run(getenv, io::stdout, shutdown_signal, build, std::net::TcpListener::bind).await;
     served.inspect_err(|err| eprintln!("{err}")).map_or(ExitCode::FAILURE, |()| ExitCode::SUCCESS)
@@ -74,25 +63,24 @@ async fn run<S: Future<Output = &'static str>>(
     signal: impl Fn() -> S, build: BuildInfo,
     bind: impl FnOnce(SocketAddr) -> io::Result<std::net::TcpListener>,
 ) -> Result<(), String> {
-    let port = env_in_range(&getenv, "PORT", 8080, 0..=65535)? as u16;
-    let max_bytes = env_in_range(&getenv, "RESIZE_MAX_BYTES", 20 << 20, 1..=1 << 30)?;
-    let max_pixels = env_in_range(&getenv, "RESIZE_MAX_PIXELS", 50_000_000, 1..=1 << 32)?;
+    let port = env_in_range(&getenv, "PORT", 8080, 0..=65535)?;
     let delay = Duration::from_secs(env_in_range(&getenv, "SHUTDOWN_DELAY", 0, 0..=3600)?);
+    let mut registry = Registry::with_prefix(metric_prefix(env!("CARGO_PKG_NAME")));
+    let metrics = HttpMetrics::register(&mut registry, build);
+    let resize = ResizeEndpoint::new(&getenv, &mut registry)?;
     let listener = bind(SocketAddr::from(([0, 0, 0, 0], port)))
         .and_then(|listener| listener.set_nonblocking(true).map(|()| listener))
         .and_then(TcpListener::from_std)
         .map_err(|err| format!("listen on port {port}: {err}"))?;
     let port = listener.local_addr().map_or(port, |address| address.port()); // PORT=0 picks one
-    let cores = std::thread::available_parallelism().map_or(1, usize::from);
     let state = Arc::new(State {
         build,
         ready: AtomicBool::new(true),
         started: Instant::now(),
         openapi: openapi_document(build.version),
-        max_bytes,
-        max_pixels,
-        resize_workers: Arc::new(Semaphore::new(cores)),
-        resize_queue: Semaphore::new(cores * QUEUE_PER_CORE),
+        registry,
+        metrics,
+        resize,
     });
     let draining = state.clone();
     // Kubernetes stops sending requests only a while after SIGTERM: meanwhile, report not ready and
@@ -104,52 +92,69 @@ async fn run<S: Future<Output = &'static str>>(
         tokio::select! { () = tokio::time::sleep(delay) => {}, _ = signal() => {} }
         cause
     };
+    let app = move |req, peer| {
+        let state = state.clone();
+        async move { middleware(req, peer, &state.metrics, |req| route(req, &state)).await }
+    };
     let serving = async move {
         info!(name = env!("CARGO_PKG_NAME"), port, version = build.version, "server started");
-        serve(listener, move |req| route(req, state.clone()), shutdown).await;
+        serve(listener, app, shutdown).await;
         Ok(())
     };
     serving.with_subscriber(json_logs(log_writer)).await
 }
 
-/// What the handlers share, computed once at start-up.
+/// What the handlers share, made once at start-up.
 struct State {
     build: BuildInfo,
     ready: AtomicBool,
     started: Instant,
     openapi: Bytes,
-    max_bytes: u64,
-    max_pixels: u64,
-    /// One permit per core: the images being decoded, resized or encoded.
-    resize_workers: Arc<Semaphore>,
-    /// Resize requests admitted, working or waiting: it bounds the memory their bodies hold.
-    resize_queue: Semaphore,
+    /// This server's metrics: its own, not the process's, since tests run many servers.
+    registry: Registry,
+    metrics: HttpMetrics,
+    resize: ResizeEndpoint,
 }
 
-/// The single source of truth for the endpoints; a test checks that openapi.yaml agrees.
-async fn route(req: Request<Incoming>, state: Arc<State>) -> Response<Body> {
-    match (req.method(), req.uri().path()) {
-        (&Method::GET, "/health") => handle_health(&state),
-        (&Method::GET, "/openapi.yaml") => handle_openapi(&state),
-        (&Method::POST, "/resize") => handle_resize(req, &state)
-            .await
-            .unwrap_or_else(|(status, message)| error_response(status, &message)),
-        (_, "/health" | "/openapi.yaml") => method_not_allowed("GET"),
-        (_, "/resize") => method_not_allowed("POST"),
-        _ => error_response(StatusCode::NOT_FOUND, "not found"),
+/// The single list of endpoints; a test checks that openapi.yaml agrees. Each is an exact path, so
+/// the metrics name a route by its path, and every other path counts as `unmatched`. GET routes
+/// answer HEAD too, as Go's ServeMux does: hyper sends the headers and leaves the body out.
+async fn route(req: Request<Incoming>, state: &State) -> Response<Body> {
+    let get = req.method() == Method::GET || req.method() == Method::HEAD;
+    let post = req.method() == Method::POST;
+    match req.uri().path() {
+        "/health" if get => handle_health(state),
+        "/metrics" if get => handle_metrics(state),
+        "/openapi.yaml" if get => handle_openapi(state),
+        "/resize" if post => state.resize.handle(req).await,
+        "/health" | "/metrics" | "/openapi.yaml" => method_not_allowed("GET, HEAD"),
+        "/resize" => method_not_allowed("POST"),
+        _ => unmatched(),
     }
 }
 
 /// Reports readiness, the build and the uptime, with kickstart.go's keys so one dashboard reads both.
 fn handle_health(state: &State) -> Response<Body> {
-    let (build, ready) = (&state.build, state.ready.load(Relaxed));
+    let ready = state.ready.load(Relaxed);
     let body = serde_json::json!({
-        "status": if ready { "pass" } else { "fail" }, "uptime": go_duration(state.started.elapsed()),
-        "version": build.version, "lastCommitHash": build.commit_hash, "lastCommitTime": build.commit_time,
-        "dirtyBuild": build.dirty,
-    })
-    .to_string();
-    response(if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }, "application/json", body)
+        "status": if ready { "pass" } else { "fail" },
+        "uptime": go_duration(state.started.elapsed()),
+        "version": state.build.version,
+        "lastCommitHash": state.build.commit_hash,
+        "lastCommitTime": state.build.commit_time,
+        "dirtyBuild": state.build.dirty,
+    });
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    response(status, "application/json", body.to_string())
+}
+
+/// This server's metrics in the Prometheus text format.
+fn handle_metrics(state: &State) -> Response<Body> {
+    let mut text = String::new();
+    match prometheus_text::encode(&mut text, &state.registry) {
+        Ok(()) => response(StatusCode::OK, prometheus_text::CONTENT_TYPE, text),
+        Err(err) => Refusal(StatusCode::INTERNAL_SERVER_ERROR, format!("encoding the metrics: {err}")).into(),
+    }
 }
 
 /// Serves openapi.yaml to any origin, so API tools running in a browser can load it.
@@ -175,24 +180,473 @@ fn openapi_document(version: &str) -> Bytes {
         .into()
 }
 
-/// Resizes the image in the body to fit inside `width`×`height`; openapi.yaml has the details.
-async fn handle_resize(req: Request<Incoming>, state: &State) -> Result<Response<Body>, Refusal> {
-    let busy = |_| (StatusCode::SERVICE_UNAVAILABLE, "too many images in flight".to_owned());
-    let _admitted = state.resize_queue.try_acquire().map_err(busy)?;
-    // The query is checked once the body is read: a client still sending gets its 400, not a reset.
-    let query = req.uri().query().unwrap_or_default().to_owned();
-    let body = read_body(req, state.max_bytes).await?;
-    let job = Resize::parse(&query, state.max_pixels).map_err(|text| (StatusCode::BAD_REQUEST, text))?;
-    let working = state.resize_workers.clone().acquire_owned().await.expect("the semaphore stays open");
-    // The blocking thread logs to this request's logger; a panic there goes on to `recover` (500).
-    // The permit goes with the job: an image keeps its core until it is done, even if its client left.
+/// The middleware every request passes, innermost first: each line wraps the ones above it, so a
+/// new middleware is one more line here.
+async fn middleware<F: Future<Output = Response<Body>>>(
+    req: Request<Incoming>, peer: IpAddr, metrics: &HttpMetrics, handler: impl FnOnce(Request<Incoming>) -> F,
+) -> Response<Body> {
+    let handler = |req| recover(handler(req));
+    let handler = |req| access_log(req, peer, metrics, handler);
+    let handler = |req| with_request_id(req, handler);
+    handler(req).await
+}
+
+/// Middleware: gives the request its id (see `request_id`), which every log line of the request
+/// carries and the `x-request-id` response header echoes.
+async fn with_request_id<F: Future<Output = Response<Body>>>(
+    req: Request<Incoming>, next: impl FnOnce(Request<Incoming>) -> F,
+) -> Response<Body> {
+    let id = request_id(req.headers());
+    let header = HeaderValue::from_str(&id);
+    let request = RequestContext { id, method: req.method().clone(), uri: req.uri().clone() };
+    let mut res = REQUEST.scope(request, next(req)).await;
+    if let Ok(id) = header {
+        res.headers_mut().insert(X_REQUEST_ID, id);
+    }
+    res
+}
+
+tokio::task_local! {
+    /// The request a task is handling: its log lines carry the id, and the panic hook names it.
+    static REQUEST: RequestContext;
+}
+
+#[derive(Clone)]
+struct RequestContext {
+    id: String,
+    method: Method,
+    uri: Uri,
+}
+
+/// The trace-id of a valid W3C `traceparent`, else a valid `x-request-id` (1 to 128 visible ASCII
+/// characters), else 128 random bits as 32 hex digits, fit to be a trace-id downstream.
+fn request_id(headers: &HeaderMap) -> String {
+    let mut traceparents = headers.get_all("traceparent").iter();
+    let traceparent = match (traceparents.next(), traceparents.next()) {
+        (Some(only), None) => only.to_str().ok().and_then(trace_id),
+        _ => None, // none, or two, which the spec makes invalid
+    };
+    let visible = |id: &&str| (1..=128).contains(&id.len()) && id.bytes().all(|byte| byte.is_ascii_graphic());
+    let request_id = headers.get(X_REQUEST_ID).and_then(|id| id.to_str().ok()).filter(visible);
+    traceparent.or(request_id).map_or_else(|| format!("{:032x}", fastrand::u128(..)), str::to_owned)
+}
+
+/// The trace-id of a `traceparent` that W3C Trace Context accepts: `version-traceid-parentid-flags`
+/// in lowercase hex, neither id all zeros, and nothing more in version 00 (a later one may add fields).
+fn trace_id(traceparent: &str) -> Option<&str> {
+    let mut fields = traceparent.split('-');
+    let lower_hex = |field: &&str| field.bytes().all(|byte| matches!(byte, b'0'..=b'9' | b'a'..=b'f'));
+    let mut hex = |len| fields.next().filter(|field| field.len() == len && lower_hex(field));
+    let version = hex(2)?;
+    let trace_id = hex(32)?;
+    let parent_id = hex(16)?;
+    let _flags = hex(2)?;
+    let nonzero = |id: &str| id.bytes().any(|digit| digit != b'0');
+    let ends = version != "00" || fields.next().is_none();
+    (ends && version != "ff" && nonzero(trace_id) && nonzero(parent_id)).then_some(trace_id)
+}
+
+/// Middleware: one access line, with kickstart.go's fields, and one count per request.
+async fn access_log<F: Future<Output = Response<Body>>>(
+    req: Request<Incoming>, peer: IpAddr, metrics: &HttpMetrics, next: impl FnOnce(Request<Incoming>) -> F,
+) -> Response<Body> {
+    let method = req.method().clone();
+    let uri = req.uri().clone();
+    let mut line = AccessLine {
+        start: Instant::now(),
+        method,
+        uri,
+        peer,
+        metrics,
+        status: 499,
+        bytes: 0,
+        unmatched: false,
+    };
+    let res = next(req).await;
+    line.status = res.status().as_u16();
+    line.bytes = if line.method == Method::HEAD { 0 } else { res.body().size_hint().lower() };
+    line.unmatched = res.extensions().get::<Unmatched>().is_some();
+    res
+}
+
+/// A request being answered, logged and counted when dropped: hyper drops a request whose client
+/// hangs up before the answer, and that one is logged too, with nginx's status for it, 499.
+struct AccessLine<'a> {
+    start: Instant,
+    method: Method,
+    uri: Uri,
+    peer: IpAddr,
+    metrics: &'a HttpMetrics,
+    status: u16,
+    bytes: u64,
+    unmatched: bool,
+}
+
+impl Drop for AccessLine<'_> {
+    fn drop(&mut self) {
+        let latency = self.start.elapsed();
+        let route = if self.unmatched { "unmatched" } else { self.uri.path() };
+        self.metrics.count(route, &self.method, self.status, latency);
+        let (method, path, query) =
+            (self.method.as_str(), self.uri.path(), self.uri.query().unwrap_or_default());
+        let latency_us = latency.as_micros() as u64;
+        info!(method, path, query, ip = %self.peer, status = self.status, bytes = self.bytes, latency_us, "accessed");
+    }
+}
+
+/// Middleware: a panic in the handler becomes a 500 that reveals nothing (the panic hook logs it),
+/// and the connection keeps serving.
+async fn recover(handler: impl Future<Output = Response<Body>>) -> Response<Body> {
+    let mut handler = pin!(handler);
+    poll_fn(|cx| {
+        catch_unwind(AssertUnwindSafe(|| handler.as_mut().poll(cx))).unwrap_or_else(|_| {
+            Poll::Ready(error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal server error"))
+        })
+    })
+    .await
+}
+
+/// Requests by route, method and status, and their latency by route.
+struct HttpMetrics {
+    requests: Family<RequestLabels, Counter>,
+    latency: Family<[(&'static str, String); 1], Histogram>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    route: String,
+    method: &'static str,
+    status: u16,
+}
+
+impl HttpMetrics {
+    /// Registers the request metrics, and the build's version and commit as `build_info`.
+    fn register(registry: &mut Registry, build: BuildInfo) -> HttpMetrics {
+        let metrics = HttpMetrics {
+            requests: Family::default(),
+            latency: Family::new_with_constructor(|| Histogram::new(LATENCY_BUCKETS)),
+        };
+        let help = "HTTP requests answered, by route, method and status (499: the client hung up)";
+        registry.register("http_requests", help, metrics.requests.clone());
+        let help = "Time from a request's head to its answer, by route";
+        registry.register_with_unit("http_request_duration", help, Unit::Seconds, metrics.latency.clone());
+        let build_info = Info::new([("version", build.version), ("commit", build.commit_hash)]);
+        registry.register("build", "The running build", build_info);
+        metrics
+    }
+
+    fn count(&self, route: &str, method: &Method, status: u16, latency: Duration) {
+        self.latency.get_or_create(&[("route", route.to_owned())]).observe(latency.as_secs_f64());
+        let method = METHODS.into_iter().find(|known| *known == method.as_str()).unwrap_or("OTHER");
+        self.requests.get_or_create(&RequestLabels { route: route.to_owned(), method, status }).inc();
+    }
+}
+
+/// Serves HTTP/1.1 until `shutdown` resolves, then lets requests in flight finish for GRACE_PERIOD.
+async fn serve<F: Future<Output = Response<Body>> + Send + 'static>(
+    listener: TcpListener, handler: impl Fn(Request<Incoming>, IpAddr) -> F + Clone + Send + 'static,
+    shutdown: impl Future<Output = &'static str>,
+) {
+    let mut http = http1::Builder::new();
+    // Without a timer, hyper silently ignores the header read timeout.
+    http.timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
+    let graceful = GracefulShutdown::new();
+    let mut connections = JoinSet::new();
+    let mut shutdown = pin!(shutdown);
+    let cause = loop {
+        let (stream, peer) = tokio::select! {
+            cause = &mut shutdown => break cause,
+            Some(_) = connections.join_next() => continue,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    // Usually out of file descriptors: back off rather than spin.
+                    warn!(%err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        // Responses go out in one write, so there is nothing for Nagle's algorithm to batch.
+        let _ = stream.set_nodelay(true);
+        let handler = handler.clone();
+        let service = service_fn(move |req| {
+            let answer = handler(req, peer.ip());
+            async { Ok::<_, Infallible>(answer.await) }
+        });
+        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        // Awaited in a block of its own, so that the connection, and with it a request whose client
+        // hung up, is dropped where the logger is in scope, not by the runtime after the task ends.
+        #[expect(
+            clippy::redundant_async_block,
+            reason = "the block decides where the connection is dropped"
+        )]
+        connections.spawn(async move { connection.await }.with_current_subscriber());
+    };
+    info!(cause, "shutting down");
+    drop(listener);
+    match tokio::time::timeout(GRACE_PERIOD, graceful.shutdown()).await {
+        Ok(()) => info!("server stopped"),
+        Err(_) => warn!(open = connections.len(), "server stopped, closing connections still open"),
+    }
+}
+
+/// JSON lines for a log collector: one object per line, an RFC 3339 UTC `timestamp`, the event's
+/// fields at the top level and, on every line logged for a request, its `request_id`.
+fn json_logs(writer: impl for<'w> MakeWriter<'w> + Send + Sync + 'static) -> Dispatch {
+    let logs = tracing_subscriber::fmt().fmt_fields(JsonFields::new()).event_format(JsonLine);
+    Dispatch::new(logs.with_writer(writer).finish())
+}
+
+/// tracing-subscriber's JSON line, led by the request's id where there is a request: one key on
+/// every line of it, whoever logs the line, and no span per request to create and re-format.
+struct JsonLine;
+
+impl FormatEvent<tracing_subscriber::Registry, JsonFields> for JsonLine {
+    fn format_event(
+        &self, ctx: &FmtContext<'_, tracing_subscriber::Registry, JsonFields>, mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> std::fmt::Result {
+        let json = tracing_subscriber::fmt::format().json().flatten_event(true).with_target(false);
+        let json = json.with_current_span(false).with_span_list(false);
+        let Ok(id) = REQUEST.try_with(|request| serde_json::Value::from(request.id.as_str())) else {
+            return json.format_event(ctx, writer, event);
+        };
+        let mut line = String::new();
+        json.format_event(ctx, Writer::new(&mut line), event)?;
+        let fields = line.strip_prefix('{').unwrap_or(&line);
+        write!(writer, "{{\"request_id\":{id},{fields}")
+    }
+}
+
+/// Logs panics as JSON lines with their message, location and request; where no logger is in scope
+/// (outside `run`), the default hook prints them.
+fn log_panics() {
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if tracing::dispatcher::get_default(|logs| logs.is::<NoSubscriber>()) {
+            return default_hook(info);
+        }
+        let message = info.payload_as_str().unwrap_or("panic payload is not a string");
+        let location = info.location().map(ToString::to_string).unwrap_or_default();
+        let request = REQUEST.try_with(|request| format!("{} {}", request.method, request.uri.path()));
+        error!(panic = message, location, request = request.ok(), "panic");
+    }));
+}
+
+/// Resolves with the signal's name on SIGINT (Ctrl-C) or SIGTERM (docker stop, Kubernetes).
+async fn shutdown_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut interrupt = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    let mut terminate = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! { _ = interrupt.recv() => "SIGINT", _ = terminate.recv() => "SIGTERM" }
+}
+
+/// A setting from the environment, `default` where unset; set but empty counts as unset.
+fn env_in_range<T: FromStr + PartialOrd + Display>(
+    getenv: impl Fn(&str) -> Option<String>, name: &str, default: T, range: RangeInclusive<T>,
+) -> Result<T, String> {
+    let value = getenv(name).filter(|value| !value.is_empty());
+    value.map_or(Ok(default), |value| parse_in_range(name, &value, range))
+}
+
+/// A number within `range`, or an error that names the setting and the range.
+fn parse_in_range<T: FromStr + PartialOrd + Display>(
+    name: &str, value: &str, range: RangeInclusive<T>,
+) -> Result<T, String> {
+    let number = value.parse().ok().filter(|number| range.contains(number));
+    let (min, max) = range.into_inner();
+    number.ok_or_else(|| {
+        format!("invalid {name} {value:?}: {} must be between {min} and {max}", name.to_lowercase())
+    })
+}
+
+/// A prefix for metric names: Prometheus allows `[a-zA-Z0-9_]`, so `my-service` gives `my_service`.
+fn metric_prefix(package: &str) -> String {
+    package.chars().map(|char| if char.is_ascii_alphanumeric() { char } else { '_' }).collect()
+}
+
+/// Hours, minutes and seconds to the millisecond ("1h2m3.456s"), as Go's time.ParseDuration reads.
+fn go_duration(elapsed: Duration) -> String {
+    let secs = elapsed.as_secs();
+    format!("{}h{}m{}.{:03}s", secs / 3600, secs / 60 % 60, secs % 60, elapsed.subsec_millis())
+}
+
+/// A request refused: its status and what the client reads. A 500's message goes to the log only;
+/// the client reads "internal server error".
+#[derive(Debug)]
+struct Refusal(StatusCode, String);
+
+impl From<Refusal> for Response<Body> {
+    fn from(Refusal(status, message): Refusal) -> Self {
+        if status != StatusCode::INTERNAL_SERVER_ERROR {
+            return error_response(status, &message);
+        }
+        error!(error = message, "internal error");
+        error_response(status, "internal server error")
+    }
+}
+
+/// The one error shape of the service: `{"error": "..."}`. A 503 says when to retry.
+fn error_response(status: StatusCode, message: &str) -> Response<Body> {
+    let mut res = response(status, "application/json", serde_json::json!({ "error": message }).to_string());
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    res
+}
+
+/// 405 with the `Allow` header that RFC 9110 requires.
+fn method_not_allowed(allow: &'static str) -> Response<Body> {
+    let mut res = error_response(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
+    res.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
+    res
+}
+
+/// 404 for a path that no route matches, marked so that the metrics count it as `unmatched`.
+fn unmatched() -> Response<Body> {
+    let mut res = error_response(StatusCode::NOT_FOUND, "not found");
+    res.extensions_mut().insert(Unmatched);
+    res
+}
+
+#[derive(Clone)]
+struct Unmatched;
+
+fn response(status: StatusCode, mime: &'static str, body: impl Into<Bytes>) -> Response<Body> {
+    let mut res = Response::new(Full::new(body.into()));
+    *res.status_mut() = status;
+    res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(mime));
+    res
+}
+
+// ===== The example endpoint, POST /resize, from here to the end marker. To remove it, delete this
+// section, its two lines in `route`, its field in `State` and its line in `run`, and its crates.
+
+use image::codecs::png::{CompressionType, FilterType, PngEncoder};
+use image::codecs::webp::WebPEncoder;
+use image::metadata::Orientation;
+use image::{DynamicImage, GrayImage, ImageDecoder, ImageError, ImageFormat, ImageReader, RgbImage, Rgba};
+use prometheus_client::metrics::gauge::Gauge;
+use rusty_jpeg::{decode::PixelFormat, encode::ColorType};
+use tokio::sync::Semaphore;
+
+/// An upload slower than this is refused (408) instead of holding its place in the queue.
+const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the rest of a refused body is read and dropped, so that its client reads the refusal.
+const LINGER_TIME: Duration = Duration::from_secs(5);
+/// The largest width or height /resize produces.
+const MAX_SIDE: u32 = 10_000;
+/// Resize requests admitted per core, working or waiting for a core; past them, 503.
+const QUEUE_PER_CORE: usize = 8;
+
+/// POST /resize: its limits, its queue and its metrics.
+struct ResizeEndpoint {
+    max_bytes: u64,
+    max_pixels: u64,
+    /// One permit per core: the images being decoded, resized or encoded.
+    workers: Arc<Semaphore>,
+    /// Requests admitted, working or waiting (a gauge for Prometheus): it bounds the memory their
+    /// bodies hold. Past `max_in_flight`, 503.
+    in_flight: Gauge,
+    max_in_flight: i64,
+    outcomes: Family<[(&'static str, &'static str); 1], Counter>,
+}
+
+impl ResizeEndpoint {
+    /// Reads its limits from the environment and registers its metrics.
+    fn new(
+        getenv: impl Fn(&str) -> Option<String>, registry: &mut Registry,
+    ) -> Result<ResizeEndpoint, String> {
+        // glibc's malloc would give each image's buffers back to the kernel, then fault them in again.
+        #[cfg(target_env = "gnu")] // SAFETY: mallopt only sets two thresholds; any value is allowed.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 16 << 20);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, 32 << 20);
+        }
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        let endpoint = ResizeEndpoint {
+            max_bytes: env_in_range(&getenv, "RESIZE_MAX_BYTES", 20 << 20, 1..=1 << 30)?,
+            max_pixels: env_in_range(&getenv, "RESIZE_MAX_PIXELS", 50_000_000, 1..=1 << 32)?,
+            workers: Arc::new(Semaphore::new(cores)),
+            in_flight: Gauge::default(),
+            max_in_flight: i64::try_from(cores * QUEUE_PER_CORE).unwrap_or(i64::MAX),
+            outcomes: Family::default(),
+        };
+        let help = "Resize requests answered, by outcome: done, 4xx, 5xx or busy (503)";
+        registry.register("resize", help, endpoint.outcomes.clone());
+        let help = "Resize requests admitted, working or waiting for a core";
+        registry.register("images_in_flight", help, endpoint.in_flight.clone());
+        Ok(endpoint)
+    }
+
+    /// Answers a POST /resize and counts its outcome.
+    async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+        let answer = self.resize(req).await;
+        let outcome = match &answer {
+            Ok(_) => "done",
+            Err(Refusal(StatusCode::SERVICE_UNAVAILABLE, _)) => "busy",
+            Err(Refusal(status, _)) if status.is_client_error() => "4xx",
+            Err(_) => "5xx",
+        };
+        self.outcomes.get_or_create(&[("outcome", outcome)]).inc();
+        answer.unwrap_or_else(Response::from)
+    }
+
+    /// Resizes the image in the body to fit inside `width`×`height`; openapi.yaml has the details.
+    async fn resize(&self, req: Request<Incoming>) -> Result<Response<Body>, Refusal> {
+        let Some(_admitted) = Admitted::new(&self.in_flight, self.max_in_flight) else {
+            if !req.headers().contains_key(header::EXPECT) {
+                linger(req.into_body()); // a client still sending reads the 503
+            }
+            return Err(Refusal(StatusCode::SERVICE_UNAVAILABLE, "too many images in flight".into()));
+        };
+        // The query is checked once the body is read: a client still sending gets its 400, not a reset.
+        let query = req.uri().query().unwrap_or_default().to_owned();
+        let body = read_body(req, self.max_bytes).await?;
+        let job = ResizeJob::parse(&query, self.max_pixels)
+            .map_err(|text| Refusal(StatusCode::BAD_REQUEST, text))?;
+        let closed =
+            |err: tokio::sync::AcquireError| Refusal(StatusCode::INTERNAL_SERVER_ERROR, err.to_string());
+        let working = self.workers.clone().acquire_owned().await.map_err(closed)?;
+        // The permit goes with the job: an image keeps its core until it is done, even if its client left.
+        let (image, format) = in_blocking_thread(move || {
+            let _working = working;
+            job.process(&body)
+        })
+        .await?;
+        Ok(response(StatusCode::OK, format.to_mime_type(), image))
+    }
+}
+
+/// A request's place in the resize queue, counted by the gauge until it is dropped.
+struct Admitted<'a>(&'a Gauge);
+
+impl<'a> Admitted<'a> {
+    fn new(in_flight: &'a Gauge, max: i64) -> Option<Admitted<'a>> {
+        let admitted = Admitted(in_flight);
+        (in_flight.inc() < max).then_some(admitted)
+    }
+}
+
+impl Drop for Admitted<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// Runs CPU-bound work on tokio's blocking pool with the request's context and logger, so that its
+/// log lines and panics name the request; a panic there goes on to `recover` (500).
+async fn in_blocking_thread<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
     let logs = tracing::dispatcher::get_default(Dispatch::clone);
-    let answer = tokio::task::spawn_blocking(move || {
-        let _working = working;
-        tracing::dispatcher::with_default(&logs, || job.run(&body))
+    let request = REQUEST.try_with(RequestContext::clone).ok();
+    let job = tokio::task::spawn_blocking(move || {
+        tracing::dispatcher::with_default(&logs, || match request {
+            Some(request) => REQUEST.sync_scope(request, work),
+            None => work(),
+        })
     });
-    let (image, format) = answer.await.unwrap_or_else(|err| resume_unwind(err.into_panic()))?;
-    Ok(response(StatusCode::OK, format.to_mime_type(), image))
+    job.await.unwrap_or_else(|err| resume_unwind(err.into_panic()))
 }
 
 /// The whole body: 413 past `max_bytes`, announced or counted, and 408 when it comes too slowly.
@@ -200,7 +654,7 @@ async fn read_body(req: Request<Incoming>, max_bytes: u64) -> Result<Vec<u8>, Re
     // An announced length over the limit is refused unread: no `100 Continue`, so the client sends no body.
     let expects_continue = req.headers().contains_key(header::EXPECT);
     let mut body = req.into_body();
-    let mut data = Vec::with_capacity(body.size_hint().lower().min(max_bytes) as usize);
+    let mut data = Vec::with_capacity(usize::try_from(body.size_hint().lower().min(max_bytes)).unwrap_or(0));
     let read_all = async {
         while data.len() as u64 + body.size_hint().lower() <= max_bytes {
             let Some(frame) = body.frame().await else { return Ok(true) };
@@ -209,23 +663,28 @@ async fn read_body(req: Request<Incoming>, max_bytes: u64) -> Result<Vec<u8>, Re
         Ok::<_, hyper::Error>(false)
     };
     match tokio::time::timeout(BODY_READ_TIMEOUT, read_all).await {
-        Err(_) => Err((StatusCode::REQUEST_TIMEOUT, "the body came too slowly".into())),
-        Ok(Err(err)) => Err((StatusCode::BAD_REQUEST, format!("reading the body: {err}"))),
-        Ok(Ok(true)) if data.is_empty() => Err((StatusCode::BAD_REQUEST, "empty body".into())),
+        Err(_) => Err(Refusal(StatusCode::REQUEST_TIMEOUT, "the body came too slowly".into())),
+        Ok(Err(err)) => Err(Refusal(StatusCode::BAD_REQUEST, format!("reading the body: {err}"))),
+        Ok(Ok(true)) if data.is_empty() => Err(Refusal(StatusCode::BAD_REQUEST, "empty body".into())),
         Ok(Ok(true)) => Ok(data),
         Ok(Ok(false)) => {
-            // Drop what the client still sends, for a while, so it sees the 413: nginx's lingering close.
             if !(expects_continue && data.is_empty()) {
-                let discard = async move { while let Some(Ok(_)) = body.frame().await {} };
-                tokio::spawn(tokio::time::timeout(LINGER_TIME, discard));
+                linger(body);
             }
-            Err((StatusCode::PAYLOAD_TOO_LARGE, format!("body over the limit of {max_bytes} bytes")))
+            Err(Refusal(StatusCode::PAYLOAD_TOO_LARGE, format!("body over the limit of {max_bytes} bytes")))
         }
     }
 }
 
-/// What POST /resize asks for, from its query, and the pixel limit it runs under.
-struct Resize {
+/// Reads and drops what the client still sends, for a while, so that it reads the answer instead
+/// of a reset: nginx's lingering close.
+fn linger(mut body: Incoming) {
+    let discard = async move { while let Some(Ok(_)) = body.frame().await {} };
+    tokio::spawn(tokio::time::timeout(LINGER_TIME, discard));
+}
+
+/// What a POST /resize asks for, from its query, and the pixel limit it runs under.
+struct ResizeJob {
     width: Option<u32>,
     height: Option<u32>,
     format: Option<ImageFormat>,
@@ -233,52 +692,72 @@ struct Resize {
     max_pixels: u64,
 }
 
-impl Resize {
-    fn parse(query: &str, max_pixels: u64) -> Result<Resize, String> {
-        let mut job = Resize { width: None, height: None, format: None, quality: 80, max_pixels };
+impl ResizeJob {
+    fn parse(query: &str, max_pixels: u64) -> Result<ResizeJob, String> {
+        let mut job = ResizeJob { width: None, height: None, format: None, quality: 80, max_pixels };
         for (name, value) in query.split('&').filter_map(|pair| pair.split_once('=')) {
-            let number = |max| parse_in_range(name, value, 1..=max);
             match name {
-                "width" => job.width = Some(number(MAX_SIDE)? as u32),
-                "height" => job.height = Some(number(MAX_SIDE)? as u32),
-                "quality" => job.quality = number(100)? as u8,
-                "format" if ["jpeg", "png", "webp"].contains(&value) => {
-                    job.format = ImageFormat::from_extension(value);
+                "width" => job.width = Some(parse_in_range(name, value, 1..=MAX_SIDE)?),
+                "height" => job.height = Some(parse_in_range(name, value, 1..=MAX_SIDE)?),
+                "quality" => job.quality = parse_in_range(name, value, 1..=100)?,
+                "format" => {
+                    let known = ["jpeg", "png", "webp"].contains(&value);
+                    let format = ImageFormat::from_extension(value).filter(|_| known);
+                    let unknown = || format!("invalid format {value:?}: use jpeg, png or webp");
+                    job.format = Some(format.ok_or_else(unknown)?);
                 }
-                "format" => return Err(format!("invalid format {value:?}: use jpeg, png or webp")),
                 _ => {}
             }
         }
-        job.width.or(job.height).map(|_| job).ok_or_else(|| "width or height is required".into())
+        match job.width.or(job.height) {
+            Some(_) => Ok(job),
+            None => Err("width or height is required".into()),
+        }
     }
 
     /// Decodes, resizes and encodes: CPU work, for a blocking thread. GIF comes out as PNG.
-    fn run(&self, input: &[u8]) -> Result<(Vec<u8>, ImageFormat), Refusal> {
+    fn process(&self, input: &[u8]) -> Result<(Vec<u8>, ImageFormat), Refusal> {
         let (image, input_format) = self.decode_and_fit(input)?;
-        let format = self.format.unwrap_or(if input_format == Gif { Png } else { input_format });
+        let format = match (self.format, input_format) {
+            (Some(asked), _) => asked,
+            (None, ImageFormat::Gif) => ImageFormat::Png,
+            (None, same) => same,
+        };
         let mut out = Vec::new();
         let encoded = match format {
-            Jpeg => encode_jpeg(image, self.quality, &mut out),
-            WebP => image.write_with_encoder(WebPEncoder::new_lossless(&mut out)),
-            _ => image.write_with_encoder(PngEncoder::new_with_quality(&mut out, Fast, Adaptive)),
+            ImageFormat::Jpeg => encode_jpeg(image, self.quality, &mut out),
+            ImageFormat::WebP => image.write_with_encoder(WebPEncoder::new_lossless(&mut out)),
+            _ => image.write_with_encoder(PngEncoder::new_with_quality(
+                &mut out,
+                CompressionType::Fast,
+                FilterType::Adaptive,
+            )),
         };
-        encoded.map_err(|err| (StatusCode::INTERNAL_SERVER_ERROR, format!("encoding: {err}")))?;
+        let failed = |err| Refusal(StatusCode::INTERNAL_SERVER_ERROR, format!("encoding {format:?}: {err}"));
+        encoded.map_err(failed)?;
         Ok((out, format))
     }
 
     /// The image decoded, resized to fit and turned upright as its EXIF says, ready to encode.
     fn decode_and_fit(&self, input: &[u8]) -> Result<(DynamicImage, ImageFormat), Refusal> {
         let format = match image::guess_format(input) {
-            Ok(format @ (Jpeg | Png | WebP | Gif)) => format,
-            _ => return Err((StatusCode::UNSUPPORTED_MEDIA_TYPE, "not a JPEG, PNG, WebP or GIF".into())),
+            Ok(format @ (ImageFormat::Jpeg | ImageFormat::Png | ImageFormat::WebP | ImageFormat::Gif)) => {
+                format
+            }
+            _ => {
+                return Err(Refusal(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "not a JPEG, PNG, WebP or GIF".into(),
+                ));
+            }
         };
         let (image, orientation) = match format {
-            Jpeg => self.decode_jpeg(input)?,
+            ImageFormat::Jpeg => self.decode_jpeg(input)?,
             _ => {
                 let reader = ImageReader::with_format(std::io::Cursor::new(input), format);
                 let decoder = reader.into_decoder().map_err(undecodable)?;
                 self.check_pixels(decoder.dimensions())?;
-                (DynamicImage::from_decoder(decoder).map_err(undecodable)?, NoTransforms)
+                (DynamicImage::from_decoder(decoder).map_err(undecodable)?, Orientation::NoTransforms)
             }
         };
         // 8-bit RGB or RGBA from here on: what fast_image_resize and every encoder take.
@@ -289,48 +768,56 @@ impl Resize {
         let (width, height) = self.fit_inside((image.width(), image.height()), orientation);
         let mut resized = DynamicImage::new(width, height, image.color());
         // Lanczos3, with alpha premultiplied so that transparent edges keep their colour.
-        Resizer::new().resize(&image, &mut resized, None).expect("RGB8 and RGBA8 are supported");
+        let mut resizer = fast_image_resize::Resizer::new();
+        resizer.resize(&image, &mut resized, None).expect("RGB8 and RGBA8 are supported");
         resized.apply_orientation(orientation);
         Ok((resized, format))
     }
 
     /// Decodes at the smallest DCT scale (1/8 to 1) still at least the target size, as libvips does.
     fn decode_jpeg(&self, input: &[u8]) -> Result<(DynamicImage, Orientation), Refusal> {
-        let corrupt = |err| (StatusCode::UNPROCESSABLE_ENTITY, format!("truncated or corrupt JPEG: {err}"));
+        let corrupt =
+            |err| Refusal(StatusCode::UNPROCESSABLE_ENTITY, format!("truncated or corrupt JPEG: {err}"));
         let mut decoder = rusty_jpeg::decode::Decoder::new(input);
         decoder.set_single_threaded(true); // images run one per core already
         decoder.read_info().map_err(corrupt)?;
         let info = decoder.info().expect("read_info found the frame");
         let size = (u32::from(info.width), u32::from(info.height));
         self.check_pixels(size)?;
-        let orientation = decoder.exif_data().and_then(Orientation::from_exif_chunk).unwrap_or(NoTransforms);
+        let exif = decoder.exif_data().and_then(Orientation::from_exif_chunk);
+        let orientation = exif.unwrap_or(Orientation::NoTransforms);
+        // Within the stored size, which fits in u16 as every JPEG's does.
         let (width, height) = self.fit_inside(size, orientation);
         let (width, height) = decoder.scale(width as u16, height as u16).map_err(corrupt)?;
-        let (width, height, pixels) = (width.into(), height.into(), decoder.decode().map_err(corrupt)?);
+        let pixels = decoder.decode().map_err(corrupt)?;
+        let (width, height) = (u32::from(width), u32::from(height));
         let image: Option<DynamicImage> = match info.pixel_format {
             PixelFormat::RGB24 => RgbImage::from_raw(width, height, pixels).map(Into::into),
             PixelFormat::L8 => GrayImage::from_raw(width, height, pixels).map(Into::into),
             _ => None,
         };
-        let unsupported = (StatusCode::UNSUPPORTED_MEDIA_TYPE, "only 8-bit RGB or grey JPEGs".into());
+        let unsupported = Refusal(StatusCode::UNSUPPORTED_MEDIA_TYPE, "only 8-bit RGB or grey JPEGs".into());
         Ok((image.ok_or(unsupported)?, orientation))
     }
 
     /// The stored size at which the upright image fits the box, keeping its aspect; no upscaling.
     fn fit_inside(&self, (width, height): (u32, u32), orientation: Orientation) -> (u32, u32) {
         let turned = orientation.to_exif() >= 5; // EXIF 5 to 8 swap the axes
-        let (max_w, max_h) = if turned { (self.height, self.width) } else { (self.width, self.height) };
+        let (max_width, max_height) =
+            if turned { (self.height, self.width) } else { (self.width, self.height) };
         let ratio = |max: Option<u32>, len: u32| max.map_or(1.0, |max| f64::from(max) / f64::from(len));
-        let scale = ratio(max_w, width).min(ratio(max_h, height)).min(1.0);
+        let scale = ratio(max_width, width).min(ratio(max_height, height)).min(1.0);
         let scaled = |len: u32| ((f64::from(len) * scale).round() as u32).max(1);
         (scaled(width), scaled(height))
     }
 
     /// Refuses from its header alone an image with too many pixels: a bomb gets no pixel buffer.
     fn check_pixels(&self, (width, height): (u32, u32)) -> Result<(), Refusal> {
-        let too_many = u64::from(width) * u64::from(height) > self.max_pixels;
+        if u64::from(width) * u64::from(height) <= self.max_pixels {
+            return Ok(());
+        }
         let message = format!("image of {width}x{height} pixels, over the limit of {}", self.max_pixels);
-        if too_many { Err((StatusCode::PAYLOAD_TOO_LARGE, message)) } else { Ok(()) }
+        Err(Refusal(StatusCode::PAYLOAD_TOO_LARGE, message))
     }
 }
 
@@ -350,150 +837,10 @@ fn encode_jpeg(mut image: DynamicImage, quality: u8, out: &mut Vec<u8>) -> Resul
 fn undecodable(err: ImageError) -> Refusal {
     let too_large = matches!(err, ImageError::Limits(_));
     let status = if too_large { StatusCode::PAYLOAD_TOO_LARGE } else { StatusCode::UNPROCESSABLE_ENTITY };
-    (status, format!("cannot decode the image: {err}"))
+    Refusal(status, format!("cannot decode the image: {err}"))
 }
 
-/// Serves HTTP/1.1 until `shutdown` resolves, then lets requests in flight finish for GRACE_PERIOD.
-async fn serve<F: Future<Output = Response<Body>> + Send + 'static>(
-    listener: TcpListener, handler: impl Fn(Request<Incoming>) -> F + Clone + Send + 'static,
-    shutdown: impl Future<Output = &'static str>,
-) {
-    let mut http = http1::Builder::new();
-    // Without a timer, hyper silently ignores the header read timeout.
-    http.timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
-    let (graceful, mut connections, mut shutdown) = (GracefulShutdown::new(), JoinSet::new(), pin!(shutdown));
-    let cause = loop {
-        let (stream, peer) = tokio::select! {
-            cause = &mut shutdown => break cause,
-            Some(_) = connections.join_next() => continue,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(err) => {
-                    // Usually out of file descriptors: back off rather than spin.
-                    warn!(%err, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        // Responses go out in one write, so there is nothing for Nagle's algorithm to batch.
-        let _ = stream.set_nodelay(true);
-        let handler = handler.clone();
-        let service = service_fn(move |req| access_log(peer.ip(), req, handler.clone()));
-        let connection = http.serve_connection(TokioIo::new(stream), service);
-        connections.spawn(graceful.watch(connection).with_current_subscriber());
-    };
-    info!(cause, "shutting down");
-    drop(listener);
-    match tokio::time::timeout(GRACE_PERIOD, graceful.shutdown()).await {
-        Ok(()) => info!("server stopped"),
-        Err(_) => warn!(open = connections.len(), "server stopped, closing connections still open"),
-    }
-}
-
-/// Middleware: one log line per request once its response is ready, with kickstart.go's fields.
-async fn access_log<F: Future<Output = Response<Body>>>(
-    ip: IpAddr, req: Request<Incoming>, handler: impl FnOnce(Request<Incoming>) -> F,
-) -> Result<Response<Body>, Infallible> {
-    let start = Instant::now();
-    let (method, uri) = (req.method().clone(), req.uri().clone());
-    let res = REQUEST.scope((method.clone(), uri.clone()), recover(handler(req))).await;
-    let (path, query) = (uri.path(), uri.query().unwrap_or_default());
-    let (status, bytes) = (res.status().as_u16(), res.body().size_hint().lower());
-    let latency_us = start.elapsed().as_micros() as u64;
-    info!(method = method.as_str(), path, query, %ip, status, bytes, latency_us, "accessed");
-    Ok(res)
-}
-
-tokio::task_local! {
-    /// The request a task is handling, so that the panic hook can say which one panicked.
-    static REQUEST: (Method, Uri);
-}
-
-/// Middleware: a panic in the handler becomes a 500 that reveals nothing (the panic hook logs it),
-/// and the connection keeps serving.
-async fn recover(handler: impl Future<Output = Response<Body>>) -> Response<Body> {
-    let mut handler = pin!(handler);
-    poll_fn(|cx| {
-        catch_unwind(AssertUnwindSafe(|| handler.as_mut().poll(cx))).unwrap_or_else(|_| {
-            Poll::Ready(error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal server error"))
-        })
-    })
-    .await
-}
-
-/// JSON lines for a log collector: one object per line, an RFC 3339 UTC `timestamp`, the event's
-/// fields at the top level.
-fn json_logs(writer: impl for<'w> MakeWriter<'w> + Send + Sync + 'static) -> Dispatch {
-    let json = tracing_subscriber::fmt().json().flatten_event(true).with_span_list(false);
-    Dispatch::new(json.with_target(false).with_writer(writer).finish())
-}
-
-/// Logs panics as JSON lines with their message, location and request; where no logger is in scope
-/// (outside `run`), the default hook prints them.
-fn log_panics() {
-    let default_hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        if tracing::dispatcher::get_default(|logs| logs.is::<NoSubscriber>()) {
-            return default_hook(info);
-        }
-        let message = info.payload_as_str().unwrap_or("panic payload is not a string");
-        let location = info.location().map(ToString::to_string).unwrap_or_default();
-        let request = REQUEST.try_with(|(method, uri)| format!("{method} {}", uri.path())).ok();
-        error!(panic = message, location, request, "panic");
-    }));
-}
-
-/// Resolves with the signal's name on SIGINT (Ctrl-C) or SIGTERM (docker stop, Kubernetes).
-async fn shutdown_signal() -> &'static str {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut interrupt = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    let mut terminate = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! { _ = interrupt.recv() => "SIGINT", _ = terminate.recv() => "SIGTERM" }
-}
-
-/// A number from the environment, `default` where unset; set but empty counts as unset.
-fn env_in_range(
-    getenv: impl Fn(&str) -> Option<String>, name: &str, default: u64, range: RangeInclusive<u64>,
-) -> Result<u64, String> {
-    let value = getenv(name).filter(|value| !value.is_empty());
-    value.map_or(Ok(default), |value| parse_in_range(name, &value, range))
-}
-
-fn parse_in_range(name: &str, value: &str, range: RangeInclusive<u64>) -> Result<u64, String> {
-    let (min, max, what) = (range.start(), range.end(), name.to_lowercase());
-    let number = value.parse().ok().filter(|number| range.contains(number));
-    number.ok_or_else(|| format!("invalid {name} {value:?}: {what} must be between {min} and {max}"))
-}
-
-/// Hours, minutes and seconds to the millisecond ("1h2m3.456s"), as Go's time.ParseDuration reads.
-fn go_duration(elapsed: Duration) -> String {
-    let (secs, millis) = (elapsed.as_secs(), elapsed.subsec_millis());
-    format!("{}h{}m{}.{millis:03}s", secs / 3600, secs / 60 % 60, secs % 60)
-}
-
-/// The one error shape of the service: `{"error": "..."}`. A 503 says when to retry.
-fn error_response(status: StatusCode, message: &str) -> Response<Body> {
-    let mut res = response(status, "application/json", serde_json::json!({ "error": message }).to_string());
-    if status == StatusCode::SERVICE_UNAVAILABLE {
-        res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-    }
-    res
-}
-
-/// 405 with the `Allow` header that RFC 9110 requires.
-fn method_not_allowed(allow: &'static str) -> Response<Body> {
-    let mut res = error_response(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
-    res.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
-    res
-}
-
-fn response(status: StatusCode, mime: &'static str, body: impl Into<Bytes>) -> Response<Body> {
-    let mut res = Response::new(Full::new(body.into()));
-    *res.status_mut() = status;
-    res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(mime));
-    res
-}
+// ===== End of the example endpoint.
 
 #[cfg(test)]
 mod main_test;

@@ -1,6 +1,7 @@
-//! Tests of the real server: started through `run` (or `serve`, where a test needs a handler of
-//! its own) on an ephemeral port and spoken to over HTTP. Log lines are the readiness signals,
-//! so no test sleeps.
+//! Tests of the real server: started through `run` (or `serve` with the same middleware, where a
+//! test needs a handler of its own) on an ephemeral port and spoken to over HTTP. Log lines are the
+//! readiness signals, so no test sleeps, and every wait has a timeout, so a regression fails
+//! instead of hanging.
 
 use super::*;
 use http_body_util::BodyExt;
@@ -11,6 +12,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, mpsc, oneshot};
+
+/// The longest any test waits for the server; in tests with a paused clock, it is virtual time
+/// longer than every timeout of the server's.
+const TIMEOUT: Duration = Duration::from_secs(60);
 
 const BUILD: BuildInfo = BuildInfo {
     version: "v1.2.3-test",
@@ -72,8 +77,11 @@ async fn openapi_documents_exactly_the_routes_that_exist() {
     assert_eq!(documented_paths, routed_paths(), "paths in openapi.yaml vs route()");
 
     let server = TestServer::start(&[]).await;
-    for (path, methods) in &documented {
-        for method in ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"] {
+    for (path, documented) in &documented {
+        // A GET route answers HEAD as well, as openapi.yaml's description says.
+        let head = documented.iter().any(|m| m == "GET").then(|| "HEAD".to_owned());
+        let methods: Vec<String> = documented.iter().cloned().chain(head).collect();
+        for method in ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"] {
             let res = request(server.addr, method.parse().expect("method"), path).await;
             if methods.iter().any(|m| m == method) {
                 let status = res.status();
@@ -82,7 +90,9 @@ async fn openapi_documents_exactly_the_routes_that_exist() {
             } else {
                 assert_eq!(res.status(), StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
                 assert_eq!(res.headers()[header::ALLOW], methods.join(", "), "{method} {path}");
-                assert_eq!(res.body(), r#"{"error":"method not allowed"}"#);
+                let body = if method == "HEAD" { "" } else { r#"{"error":"method not allowed"}"# };
+                assert_eq!(res.body(), body, "{method} {path}");
+                assert!(res.headers().contains_key(X_REQUEST_ID), "{method} {path}");
             }
         }
     }
@@ -98,6 +108,256 @@ async fn unknown_paths_get_a_json_404() {
     assert_eq!(res.headers()[header::CONTENT_TYPE], "application/json");
     assert_eq!(res.body(), r#"{"error":"not found"}"#);
     server.stop().await;
+}
+
+#[tokio::test]
+async fn every_request_gets_an_id_from_traceparent_or_x_request_id_or_a_new_one() {
+    let server = TestServer::start(&[]).await;
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let valid = format!("00-{trace}-00f067aa0ba902b7-01");
+    let later_version = format!("cc-{trace}-00f067aa0ba902b7-09-what-comes-later");
+    let invalid_traceparents = [
+        valid.to_uppercase(),
+        format!("ff-{trace}-00f067aa0ba902b7-01"),
+        format!("{valid}-more"),
+        format!("00-{}-00f067aa0ba902b7-01", "0".repeat(32)),
+        format!("00-{trace}-0000000000000000-01"),
+        format!("00-{trace}-00f067aa0ba902b7-1"),
+        format!("00-{trace}00f067aa0ba902b7-01"),
+        format!("0-{trace}-00f067aa0ba902b7-01"),
+    ];
+    type Headers = Vec<(&'static str, Vec<u8>)>;
+    let mut cases: Vec<(Headers, Option<String>)> = vec![
+        (vec![("traceparent", valid.clone().into())], Some(trace.into())),
+        (vec![("traceparent", later_version.into())], Some(trace.into())),
+        (
+            vec![("traceparent", valid.clone().into()), ("x-request-id", b"ignored".into())],
+            Some(trace.into()),
+        ),
+        (vec![("x-request-id", b"req-42/\"quoted\"\\".into())], Some("req-42/\"quoted\"\\".into())),
+        (vec![("x-request-id", vec![b'x'; 128])], Some("x".repeat(128))),
+        // Two traceparent headers are invalid, even when each is valid.
+        (
+            vec![
+                ("traceparent", valid.clone().into()),
+                ("traceparent", valid.into()),
+                ("x-request-id", b"two".into()),
+            ],
+            Some("two".into()),
+        ),
+        (vec![("x-request-id", vec![b'x'; 129])], None),
+        (vec![("x-request-id", b"has space".into())], None),
+        (vec![("x-request-id", b"tab\there".into())], None),
+        (vec![("x-request-id", b"caf\xe9".into())], None),
+        (vec![("x-request-id", Vec::new())], None),
+        (vec![], None),
+    ];
+    for invalid in invalid_traceparents {
+        cases.push((
+            vec![("traceparent", invalid.into_bytes()), ("x-request-id", b"fallback".into())],
+            Some("fallback".into()),
+        ));
+    }
+    let mut ids = Vec::new();
+    for (headers, expected) in &cases {
+        let headers: Vec<(&'static str, &[u8])> =
+            headers.iter().map(|(name, value)| (*name, &value[..])).collect();
+        let res = get_with(server.addr, "/health", &headers).await;
+        let id = res.headers()[X_REQUEST_ID].to_str().expect("visible ASCII").to_owned();
+        match expected {
+            Some(expected) => assert_eq!(&id, expected, "{headers:?}"),
+            None => {
+                let new = id.len() == 32 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+                assert!(new, "{headers:?} gave {id:?}, not 32 lowercase hex digits");
+            }
+        }
+        ids.push(id);
+    }
+    let new_ids: BTreeSet<&String> =
+        cases.iter().zip(&ids).filter(|(case, _)| case.1.is_none()).map(|(_, id)| id).collect();
+    assert_eq!(new_ids.len(), cases.iter().filter(|case| case.1.is_none()).count(), "new ids repeat");
+
+    let lines = server.stop().await;
+    let logged: Vec<&Value> =
+        lines.iter().filter(|line| line["message"] == "accessed").map(|line| &line["request_id"]).collect();
+    assert_eq!(logged, ids.iter().map(|id| json!(id)).collect::<Vec<_>>().iter().collect::<Vec<_>>());
+    assert!(
+        lines
+            .iter()
+            .filter(|line| line["message"] != "accessed")
+            .all(|line| line.get("request_id").is_none())
+    );
+}
+
+/// A handler's own lines, a blocking job's lines and its panic all carry the request's id, and
+/// the panic names the request, as one in a handler does.
+#[tokio::test]
+async fn the_lines_of_a_panicking_image_job_carry_the_request_id() {
+    let handler = |_| async {
+        warn!("in the handler");
+        in_blocking_thread(|| -> Response<Body> {
+            warn!("in the blocking job");
+            panic!("the job failed");
+        })
+        .await
+    };
+    let mut server = ServeTest::start(handler).await;
+    let res = get_with(server.addr, "/job", &[("x-request-id", b"job-7")]).await;
+
+    assert_eq!(res.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(res.headers()[X_REQUEST_ID], "job-7");
+    assert_eq!(res.body(), r#"{"error":"internal server error"}"#);
+    for message in ["in the handler", "in the blocking job", "panic", "accessed"] {
+        let line = server.logs.wait_for(message).await;
+        assert_eq!(line["request_id"], "job-7", "{line}");
+        if message == "panic" {
+            assert_eq!((&line["panic"], &line["request"]), (&json!("the job failed"), &json!("GET /job")));
+        }
+    }
+    server.stop().await;
+}
+
+/// hyper drops the answer of a client that hangs up first: it is still logged, as 499.
+#[tokio::test]
+async fn a_request_whose_client_hangs_up_is_logged_as_499() {
+    let (started_tx, mut started) = mpsc::unbounded_channel();
+    let handler = move |_| {
+        let started_tx = started_tx.clone();
+        async move {
+            started_tx.send(()).expect("test is waiting");
+            std::future::pending().await
+        }
+    };
+    let mut server = ServeTest::start(handler).await;
+    let mut stream = within("connect", TcpStream::connect(server.addr)).await.expect("connect");
+    let head = "GET /slow?page=2 HTTP/1.1\r\nHost: test\r\nx-request-id: gone-1\r\n\r\n";
+    within("a write", stream.write_all(head.as_bytes())).await.expect("head");
+    within("the handler to start", started.recv()).await.expect("handler started");
+    drop(stream);
+
+    let line = server.logs.wait_for("accessed").await;
+    assert_eq!(
+        (&line["status"], &line["path"], &line["query"]),
+        (&json!(499), &json!("/slow"), &json!("page=2"))
+    );
+    assert_eq!((&line["request_id"], &line["bytes"]), (&json!("gone-1"), &json!(0)));
+    assert!(line["latency_us"].is_u64(), "{line}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn metrics_count_each_request_once_by_route_and_a_path_scan_adds_no_series() {
+    let server = TestServer::start(&[]).await;
+    for (method, path) in [("GET", "/health"), ("GET", "/health"), ("HEAD", "/health"), ("PUT", "/health")] {
+        request(server.addr, method.parse().expect("method"), path).await;
+    }
+    request(server.addr, "BREW".parse().expect("a made-up method"), "/openapi.yaml").await;
+    assert_eq!(resize(server.addr, "width=4", jpeg(8, 8, None)).await.status(), StatusCode::OK);
+    assert_eq!(resize(server.addr, "width=0", jpeg(8, 8, None)).await.status(), StatusCode::BAD_REQUEST);
+    for scan in 0..10 {
+        request(server.addr, Method::GET, &format!("/scan-{scan}")).await;
+    }
+    let first = request(server.addr, Method::GET, "/metrics").await;
+    assert_eq!(first.headers()[header::CONTENT_TYPE], "text/plain; version=0.0.4; charset=utf-8");
+    let first = parse_metrics(first.body());
+    for scan in 10..30 {
+        request(server.addr, Method::GET, &format!("/scan-{scan}/{}", "x".repeat(scan))).await;
+    }
+    let second = parse_metrics(request(server.addr, Method::GET, "/metrics").await.body());
+
+    let p = prefix();
+    let requests = |route: &str, method: &str, status: u16| {
+        second
+            .get(&format!(
+                "{p}_http_requests_total{{route=\"{route}\",method=\"{method}\",status=\"{status}\"}}"
+            ))
+            .copied()
+    };
+    assert_eq!(requests("/health", "GET", 200), Some(2.0));
+    assert_eq!(requests("/health", "HEAD", 200), Some(1.0));
+    assert_eq!(requests("/health", "PUT", 405), Some(1.0));
+    assert_eq!(requests("/openapi.yaml", "OTHER", 405), Some(1.0));
+    assert_eq!(requests("/resize", "POST", 200), Some(1.0));
+    assert_eq!(requests("/resize", "POST", 400), Some(1.0));
+    assert_eq!(requests("unmatched", "GET", 404), Some(30.0));
+    assert_eq!(requests("/metrics", "GET", 200), Some(1.0), "the first scrape, counted once it was answered");
+    let count =
+        |route: &str| second[&format!("{p}_http_request_duration_seconds_count{{route=\"{route}\"}}")];
+    let infinity = |route: &str| {
+        second[&format!("{p}_http_request_duration_seconds_bucket{{route=\"{route}\",le=\"+Inf\"}}")]
+    };
+    for (route, expected) in [("/health", 4.0), ("/openapi.yaml", 1.0), ("/resize", 2.0), ("unmatched", 30.0)]
+    {
+        assert_eq!((count(route), infinity(route)), (expected, expected), "{route}");
+    }
+    let done = format!("{p}_resize_total{{outcome=\"done\"}}");
+    let refused = format!("{p}_resize_total{{outcome=\"4xx\"}}");
+    assert_eq!((second[&done], second[&refused]), (1.0, 1.0));
+    assert_eq!(second[&format!("{p}_images_in_flight")], 0.0);
+    let build = format!("{p}_build_info{{version=\"{}\",commit=\"{}\"}}", BUILD.version, BUILD.commit_hash);
+    assert_eq!(second.get(&build), Some(&1.0), "build_info in {second:?}");
+    let series = |samples: &BTreeMap<String, f64>| -> BTreeSet<String> {
+        samples.keys().filter(|key| !key.contains("route=\"/metrics\"")).cloned().collect()
+    };
+    assert_eq!(series(&first), series(&second), "the scan of 20 more paths added series");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn head_answers_wherever_get_does_with_the_headers_and_no_body() {
+    let server = TestServer::start(&[]).await;
+    for path in ["/health", "/openapi.yaml", "/metrics"] {
+        let get = request(server.addr, Method::GET, path).await;
+        let head = request(server.addr, Method::HEAD, path).await;
+        assert_eq!(head.status(), StatusCode::OK, "{path}");
+        assert_eq!(head.body(), "", "{path}");
+        assert_eq!(head.headers()[header::CONTENT_TYPE], get.headers()[header::CONTENT_TYPE], "{path}");
+        assert!(head.headers().contains_key(header::CONTENT_LENGTH), "{path}");
+    }
+    let get = request(server.addr, Method::GET, "/openapi.yaml").await;
+    let head = request(server.addr, Method::HEAD, "/openapi.yaml").await;
+    assert_eq!(head.headers()[header::CONTENT_LENGTH], get.body().len().to_string().as_str());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_invalid_setting_is_an_error_naming_it_and_nothing_is_bound() {
+    let cases = [
+        ("PORT", "65536", "invalid PORT \"65536\": port must be between 0 and 65535"),
+        (
+            "SHUTDOWN_DELAY",
+            "3601",
+            "invalid SHUTDOWN_DELAY \"3601\": shutdown_delay must be between 0 and 3600",
+        ),
+        ("SHUTDOWN_DELAY", "5s", "invalid SHUTDOWN_DELAY \"5s\": shutdown_delay must be between 0 and 3600"),
+        (
+            "RESIZE_MAX_BYTES",
+            "0",
+            "invalid RESIZE_MAX_BYTES \"0\": resize_max_bytes must be between 1 and 1073741824",
+        ),
+        (
+            "RESIZE_MAX_BYTES",
+            "20MiB",
+            "invalid RESIZE_MAX_BYTES \"20MiB\": resize_max_bytes must be between 1 and 1073741824",
+        ),
+        (
+            "RESIZE_MAX_PIXELS",
+            "4294967297",
+            "invalid RESIZE_MAX_PIXELS \"4294967297\": resize_max_pixels must be between 1 and 4294967296",
+        ),
+        (
+            "RESIZE_MAX_PIXELS",
+            "-1",
+            "invalid RESIZE_MAX_PIXELS \"-1\": resize_max_pixels must be between 1 and 4294967296",
+        ),
+    ];
+    for (name, value, expected) in cases {
+        let (log_writer, _logs) = Logs::capture();
+        let bind = |_| -> io::Result<std::net::TcpListener> { panic!("bound with {name}={value}") };
+        let getenv = |key: &str| (key == name).then(|| value.to_owned());
+        let result = run(getenv, log_writer, std::future::pending, BUILD, bind).await;
+        assert_eq!(result.expect_err(name), expected);
+    }
 }
 
 #[tokio::test]
@@ -211,18 +471,18 @@ async fn shutdown_lets_a_request_in_flight_finish() {
     };
     let mut server = ServeTest::start(handler).await;
     let in_flight = tokio::spawn(request(server.addr, Method::GET, "/slow"));
-    started.recv().await.expect("handler started");
+    within("the handler to start", started.recv()).await.expect("handler started");
 
     server.stop.send("SIGTERM").expect("server is running");
     server.logs.wait_for("shutting down").await;
-    assert!(TcpStream::connect(server.addr).await.is_err(), "still accepting");
+    assert!(within("connect", TcpStream::connect(server.addr)).await.is_err(), "still accepting");
     release.notify_one();
 
-    let res = in_flight.await.expect("client task");
+    let res = within("the request in flight", in_flight).await.expect("client task");
     assert_eq!((res.status(), res.body().as_str()), (StatusCode::OK, "finished"));
     assert_eq!(res.headers()[header::CONNECTION], "close");
     server.logs.wait_for("server stopped").await;
-    server.done.await.expect("serve returned");
+    within("serve to return", server.done).await.expect("serve returned");
 }
 
 #[tokio::test(start_paused = true)]
@@ -238,15 +498,16 @@ async fn shutdown_closes_connections_still_open_after_the_grace_period() {
     let mut server = ServeTest::start(handler).await;
     let mut connection = connect(server.addr).await;
     let stuck = tokio::spawn(async move { connection.send_request(empty_request(Method::GET, "/")).await });
-    started.recv().await.expect("handler started");
+    within("the handler to start", started.recv()).await.expect("handler started");
 
     let shutdown_at = tokio::time::Instant::now();
     server.stop.send("SIGTERM").expect("server is running");
-    server.done.await.expect("serve returned");
+    within("serve to return", server.done).await.expect("serve returned");
     assert!(shutdown_at.elapsed() >= GRACE_PERIOD);
     let warning = server.logs.wait_for("server stopped, closing connections still open").await;
     assert_eq!(warning["open"], 1);
-    assert!(stuck.await.expect("client task").is_err(), "the stuck request was answered");
+    let stuck = within("the stuck request", stuck).await.expect("client task");
+    assert!(stuck.is_err(), "the stuck request was answered");
 }
 
 #[tokio::test]
@@ -275,12 +536,12 @@ async fn health_fails_during_the_shutdown_delay_while_other_routes_serve() {
 #[tokio::test(start_paused = true)]
 async fn a_client_that_never_finishes_its_headers_is_disconnected() {
     let server = TestServer::start(&[]).await;
-    let mut stream = TcpStream::connect(server.addr).await.expect("connect");
-    stream.write_all(b"GET /health HTTP/1.1\r\nHost: test\r\n").await.expect("write");
+    let mut stream = within("connect", TcpStream::connect(server.addr)).await.expect("connect");
+    within("a write", stream.write_all(b"GET /health HTTP/1.1\r\nHost: test\r\n")).await.expect("write");
     let sent_at = tokio::time::Instant::now();
 
     let mut received = Vec::new();
-    let _ = stream.read_to_end(&mut received).await; // EOF or reset: closed either way
+    let _ = within("the stream to close", stream.read_to_end(&mut received)).await; // EOF or reset: closed either way
     assert!(sent_at.elapsed() >= HEADER_READ_TIMEOUT);
     assert!(!received.starts_with(b"HTTP/1.1 200"), "served an incomplete request");
     server.stop().await;
@@ -309,12 +570,20 @@ async fn resize_fits_inside_the_box_keeping_the_aspect_ratio_and_never_upscales(
 #[tokio::test]
 async fn resize_reads_every_format_and_writes_the_same_or_the_one_asked_for() {
     let server = TestServer::start(&[]).await;
-    let inputs = [(Jpeg, Jpeg), (Png, Png), (WebP, WebP), (Gif, Png)];
+    let inputs = [
+        (ImageFormat::Jpeg, ImageFormat::Jpeg),
+        (ImageFormat::Png, ImageFormat::Png),
+        (ImageFormat::WebP, ImageFormat::WebP),
+        (ImageFormat::Gif, ImageFormat::Png),
+    ];
     for (input, default_output) in inputs {
         let image = encode(&checkerboard(64, 48), input);
-        for (query, expected) in
-            [("", default_output), ("&format=jpeg", Jpeg), ("&format=png", Png), ("&format=webp", WebP)]
-        {
+        for (query, expected) in [
+            ("", default_output),
+            ("&format=jpeg", ImageFormat::Jpeg),
+            ("&format=png", ImageFormat::Png),
+            ("&format=webp", ImageFormat::WebP),
+        ] {
             let res = resize(server.addr, &format!("width=32{query}"), image.clone()).await;
             assert_eq!(res.status(), StatusCode::OK, "{input:?} {query}");
             assert_eq!(res.headers()[header::CONTENT_TYPE], expected.to_mime_type(), "{input:?} {query}");
@@ -331,8 +600,12 @@ async fn alpha_survives_into_png_and_webp_and_goes_on_white_in_jpeg() {
     // Left half transparent, right half opaque red.
     let half =
         RgbaImage::from_fn(64, 32, |x, _| if x < 32 { Rgba([0, 0, 0, 0]) } else { Rgba([255, 0, 0, 255]) });
-    let png = encode(&DynamicImage::from(half), Png);
-    let cases = [("png", Png, [0, 0, 0, 0]), ("webp", WebP, [0, 0, 0, 0]), ("jpeg", Jpeg, [255; 4])];
+    let png = encode(&DynamicImage::from(half), ImageFormat::Png);
+    let cases = [
+        ("png", ImageFormat::Png, [0, 0, 0, 0]),
+        ("webp", ImageFormat::WebP, [0, 0, 0, 0]),
+        ("jpeg", ImageFormat::Jpeg, [255; 4]),
+    ];
     for (name, format, expected) in cases {
         let query = format!("width=32&format={name}");
         let res = resize(server.addr, &query, png.clone()).await;
@@ -341,7 +614,7 @@ async fn alpha_survives_into_png_and_webp_and_goes_on_white_in_jpeg() {
         let alpha_or_white =
             |pixel: [u8; 4]| if expected[3] == 0 { pixel[3] } else { pixel[0].min(pixel[1]).min(pixel[2]) };
         // JPEG is lossy: an edge in the same 16x16 block may move white by a step or two.
-        let tolerance = if format == Jpeg { 3 } else { 0 };
+        let tolerance = if format == ImageFormat::Jpeg { 3 } else { 0 };
         let off = alpha_or_white(left).abs_diff(alpha_or_white(expected));
         assert!(off <= tolerance, "{format:?} left {left:?}");
         assert!(right[0] > 240 && right[1] < 15 && right[3] == 255, "{format:?} right {right:?}");
@@ -357,7 +630,8 @@ async fn a_jpeg_is_turned_upright_as_its_exif_orientation_says() {
     let photo = jpeg(200, 100, Some(rotate_90));
     let res = resize(server.addr, "width=50&height=1000", photo).await;
 
-    let image = image::load_from_memory_with_format(res.body(), Jpeg).expect("a JPEG").into_rgb8();
+    let image =
+        image::load_from_memory_with_format(res.body(), ImageFormat::Jpeg).expect("a JPEG").into_rgb8();
     assert_eq!(image.dimensions(), (50, 100));
     let (top, bottom) = (image.get_pixel(25, 10).0, image.get_pixel(25, 90).0);
     assert!(top[0] > 200 && top[2] < 60, "top should be red: {top:?}");
@@ -408,13 +682,13 @@ async fn a_refused_client_still_sending_reads_the_answer() {
         ("width=abc", announced(&allowed), &allowed, "", "400"),
     ];
     for (query, framing, body, end, status) in cases {
-        let mut stream = TcpStream::connect(server.addr).await.expect("connect");
+        let mut stream = within("connect", TcpStream::connect(server.addr)).await.expect("connect");
         let head = format!("POST /resize?{query} HTTP/1.1\r\nHost: test\r\n{framing}");
-        stream.write_all(head.as_bytes()).await.expect("head");
-        stream.write_all(body).await.expect("the server reads the rest of the body");
-        stream.write_all(end.as_bytes()).await.expect("end");
+        within("a write", stream.write_all(head.as_bytes())).await.expect("head");
+        within("a write", stream.write_all(body)).await.expect("the server reads the rest of the body");
+        within("a write", stream.write_all(end.as_bytes())).await.expect("end");
         let mut status_line = [0; 12];
-        stream.read_exact(&mut status_line).await.expect("a response");
+        within("a read", stream.read_exact(&mut status_line)).await.expect("a response");
         assert_eq!(String::from_utf8_lossy(&status_line), format!("HTTP/1.1 {status}"), "{query}");
     }
     server.stop().await;
@@ -423,11 +697,13 @@ async fn a_refused_client_still_sending_reads_the_answer() {
 #[tokio::test]
 async fn a_refused_body_gets_no_100_continue() {
     let server = TestServer::start(&[("RESIZE_MAX_BYTES", "1000")]).await;
-    let mut stream = TcpStream::connect(server.addr).await.expect("connect");
+    let mut stream = within("connect", TcpStream::connect(server.addr)).await.expect("connect");
     let head = "POST /resize?width=10 HTTP/1.1\r\nHost: test\r\nContent-Length: 5000\r\nExpect: 100-continue\r\n\r\n";
-    stream.write_all(head.as_bytes()).await.expect("head");
+    within("a write", stream.write_all(head.as_bytes())).await.expect("head");
     let mut response = Vec::new();
-    stream.read_to_end(&mut response).await.expect("a response, then the connection closes");
+    within("the stream to close", stream.read_to_end(&mut response))
+        .await
+        .expect("a response, then the connection closes");
     let response = String::from_utf8_lossy(&response);
     assert!(response.starts_with("HTTP/1.1 413") && !response.contains("100 Continue"), "{response}");
     server.stop().await;
@@ -436,13 +712,13 @@ async fn a_refused_body_gets_no_100_continue() {
 #[tokio::test(start_paused = true)]
 async fn a_body_that_comes_too_slowly_gets_408() {
     let server = TestServer::start(&[]).await;
-    let mut stream = TcpStream::connect(server.addr).await.expect("connect");
+    let mut stream = within("connect", TcpStream::connect(server.addr)).await.expect("connect");
     let head = "POST /resize?width=10 HTTP/1.1\r\nHost: test\r\nContent-Length: 1000\r\n\r\nstarted";
-    stream.write_all(head.as_bytes()).await.expect("head");
+    within("a write", stream.write_all(head.as_bytes())).await.expect("head");
     let sent_at = tokio::time::Instant::now();
 
     let mut response = [0; 12];
-    stream.read_exact(&mut response).await.expect("a response");
+    within("a read", stream.read_exact(&mut response)).await.expect("a response");
     assert_eq!(&response, b"HTTP/1.1 408");
     assert!(sent_at.elapsed() >= BODY_READ_TIMEOUT);
     server.stop().await;
@@ -456,12 +732,12 @@ async fn resize_requests_past_the_queue_get_503_and_leaving_frees_a_place() {
     let places = std::thread::available_parallelism().map_or(1, usize::from) * QUEUE_PER_CORE;
     let mut waiting = Vec::new();
     for _ in 0..places {
-        let mut stream = TcpStream::connect(server.addr).await.expect("connect");
+        let mut stream = within("connect", TcpStream::connect(server.addr)).await.expect("connect");
         let head = "POST /resize?width=10 HTTP/1.1\r\nHost: test\r\nContent-Length: 10\r\nExpect: 100-continue\r\n\r\n";
-        stream.write_all(head.as_bytes()).await.expect("head");
+        within("a write", stream.write_all(head.as_bytes())).await.expect("head");
         // The server asks for the body once the request is admitted: the readiness signal.
         let mut interim = [0; 25];
-        stream.read_exact(&mut interim).await.expect("100 Continue");
+        within("a read", stream.read_exact(&mut interim)).await.expect("100 Continue");
         assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
         waiting.push(stream);
     }
@@ -482,18 +758,34 @@ async fn resize_requests_past_the_queue_get_503_and_leaving_frees_a_place() {
     server.stop().await;
 }
 
+/// Four uploads are admitted (their `100 Continue` says so) and held back by their last byte, so
+/// they are in flight, each with its image in memory, while `/health` answers.
 #[tokio::test]
-async fn health_answers_while_images_are_resized() {
+async fn health_answers_while_images_are_in_flight() {
     let server = TestServer::start(&[]).await;
     let photo = jpeg(1600, 1200, None);
-    let resizes: Vec<_> =
-        (0..4).map(|_| tokio::spawn(resize(server.addr, "width=1500", photo.clone()))).collect();
+    let mut uploads = Vec::new();
+    for _ in 0..4 {
+        let mut stream = within("connect", TcpStream::connect(server.addr)).await.expect("connect");
+        let head = format!(
+            "POST /resize?width=1500 HTTP/1.1\r\nHost: test\r\nContent-Length: {}\r\nExpect: 100-continue\r\n\r\n",
+            photo.len()
+        );
+        within("a write", stream.write_all(head.as_bytes())).await.expect("head");
+        let mut interim = [0; 25];
+        within("a read", stream.read_exact(&mut interim)).await.expect("100 Continue");
+        within("a write", stream.write_all(&photo[..photo.len() - 1])).await.expect("all but the last byte");
+        uploads.push(stream);
+    }
 
-    let res = request(server.addr, Method::GET, "/health").await;
-    assert_eq!(res.status(), StatusCode::OK);
-    assert!(resizes.iter().any(|resize| !resize.is_finished()), "health waited for the resizes");
-    for resize in resizes {
-        assert_eq!(resize.await.expect("resize task").status(), StatusCode::OK);
+    assert_eq!(request(server.addr, Method::GET, "/health").await.status(), StatusCode::OK);
+    let metrics = parse_metrics(request(server.addr, Method::GET, "/metrics").await.body());
+    assert_eq!(metrics[&format!("{}_images_in_flight", prefix())], 4.0);
+    for mut stream in uploads {
+        within("a write", stream.write_all(&photo[photo.len() - 1..])).await.expect("the last byte");
+        let mut status_line = [0; 12];
+        within("a read", stream.read_exact(&mut status_line)).await.expect("a response");
+        assert_eq!(&status_line, b"HTTP/1.1 200");
     }
     server.stop().await;
 }
@@ -504,11 +796,12 @@ async fn health_answers_while_images_are_resized() {
 fn the_fast_jpeg_path_matches_a_full_decode_resize() {
     let photo = include_bytes!("testdata/photo-1920x1080.jpg");
     for box_side in [400, 800] {
-        let job = Resize::parse(&format!("width={box_side}&height={box_side}"), 50_000_000).expect("query");
+        let job =
+            ResizeJob::parse(&format!("width={box_side}&height={box_side}"), 50_000_000).expect("query");
         let (fast, _) = job.decode_and_fit(photo).expect("resized");
-        let full = image::load_from_memory_with_format(photo, Jpeg).expect("a JPEG");
+        let full = image::load_from_memory_with_format(photo, ImageFormat::Jpeg).expect("a JPEG");
         let mut reference = DynamicImage::new(fast.width(), fast.height(), full.color());
-        Resizer::new().resize(&full, &mut reference, None).expect("Lanczos3");
+        fast_image_resize::Resizer::new().resize(&full, &mut reference, None).expect("Lanczos3");
         let ssim = luma_ssim(&fast.to_luma8(), &reference.to_luma8());
         assert!(ssim >= 0.985, "SSIM {ssim:.4} at {box_side}");
     }
@@ -572,14 +865,14 @@ impl TestServer {
             }
         };
         let done = tokio::spawn(run(getenv, log_writer, sigterm, BUILD, bind));
-        let addr = addr.await.expect("server bound a port");
+        let addr = within("the server to bind", addr).await.expect("server bound a port");
         TestServer { addr, logs, signal, done }
     }
 
     /// Sends SIGTERM's stand-in, waits until `run` returns Ok, and returns every line it logged.
     async fn stop(mut self) -> Vec<Value> {
         self.signal.notify_one();
-        self.done.await.expect("run task").expect("run returned Ok");
+        within("run to return", self.done).await.expect("run task").expect("run returned Ok");
         std::iter::from_fn(|| self.logs.try_next()).collect()
     }
 }
@@ -595,7 +888,7 @@ struct ServeTest {
 impl ServeTest {
     async fn start<H, F>(handler: H) -> ServeTest
     where
-        H: Fn(Request<Incoming>) -> F + Clone + Send + 'static,
+        H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
         F: Future<Output = Response<Body>> + Send + 'static,
     {
         log_panics_once();
@@ -604,13 +897,18 @@ impl ServeTest {
         let addr = listener.local_addr().expect("bound address");
         let (stop, stopped) = oneshot::channel();
         let shutdown = async { stopped.await.unwrap_or("test dropped") };
-        let done = tokio::spawn(serve(listener, handler, shutdown).with_subscriber(json_logs(log_writer)));
+        let metrics = Arc::new(HttpMetrics::register(&mut Registry::default(), BUILD));
+        let app = move |req, peer| {
+            let (metrics, handler) = (metrics.clone(), handler.clone());
+            async move { middleware(req, peer, &metrics, handler).await }
+        };
+        let done = tokio::spawn(serve(listener, app, shutdown).with_subscriber(json_logs(log_writer)));
         ServeTest { addr, logs, stop, done }
     }
 
     async fn stop(self) {
         self.stop.send("SIGTERM").expect("server is running");
-        self.done.await.expect("serve returned");
+        within("serve to return", self.done).await.expect("serve returned");
     }
 }
 
@@ -636,7 +934,8 @@ impl Logs {
     /// Reads lines until one has this message; the lines are the test's readiness signals.
     async fn wait_for(&mut self, message: &str) -> Value {
         loop {
-            let line = self.0.recv().await.expect("the server logged that line");
+            let next = within(&format!("a log line {message:?}"), self.0.recv()).await;
+            let line = next.expect("the server logged that line");
             let line = parse_log_line(&line);
             if line["message"] == message {
                 return line;
@@ -669,9 +968,25 @@ impl io::Write for LineWriter {
     }
 }
 
+/// Fails the test when `future` takes longer than TIMEOUT.
+async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
+    let waited = tokio::time::timeout(TIMEOUT, future).await;
+    waited.unwrap_or_else(|_| panic!("waited more than {TIMEOUT:?} for {what}"))
+}
+
 /// One request on a new connection; the body comes back as text.
 async fn request(addr: SocketAddr, method: Method, path: &str) -> Response<String> {
     send(&mut connect(addr).await, method, path).await
+}
+
+/// A GET with these headers on a new connection; the body comes back as text.
+async fn get_with(addr: SocketAddr, path: &str, headers: &[(&'static str, &[u8])]) -> Response<String> {
+    let mut req = empty_request(Method::GET, path);
+    for (name, value) in headers {
+        req.headers_mut().append(*name, HeaderValue::from_bytes(value).expect("a header value"));
+    }
+    let res = send_request(&mut connect(addr).await, req).await;
+    res.map(|body| String::from_utf8(body.to_vec()).expect("UTF-8 body"))
 }
 
 /// POST /resize with `image` as the body, on a new connection.
@@ -684,8 +999,9 @@ async fn resize(addr: SocketAddr, query: &str, image: Vec<u8>) -> Response<Bytes
 }
 
 async fn connect(addr: SocketAddr) -> client::SendRequest<Body> {
-    let stream = TcpStream::connect(addr).await.expect("connect");
-    let (sender, connection) = client::handshake(TokioIo::new(stream)).await.expect("handshake");
+    let stream = within("connect", TcpStream::connect(addr)).await.expect("connect");
+    let handshake = within("handshake", client::handshake(TokioIo::new(stream))).await;
+    let (sender, connection) = handshake.expect("handshake");
     tokio::spawn(connection);
     sender
 }
@@ -696,9 +1012,10 @@ async fn send(connection: &mut client::SendRequest<Body>, method: Method, path: 
 }
 
 async fn send_request(connection: &mut client::SendRequest<Body>, req: Request<Body>) -> Response<Bytes> {
-    let res = connection.send_request(req).await.expect("response");
+    let res = within("a response", connection.send_request(req)).await.expect("response");
     let (parts, body) = res.into_parts();
-    Response::from_parts(parts, body.collect().await.expect("body").to_bytes())
+    let body = within("the body", body.collect()).await.expect("body");
+    Response::from_parts(parts, body.to_bytes())
 }
 
 fn empty_request(method: Method, path: &str) -> Request<Body> {
@@ -707,6 +1024,68 @@ fn empty_request(method: Method, path: &str) -> Request<Body> {
     *req.uri_mut() = path.parse().expect("path");
     req.headers_mut().insert(header::HOST, HeaderValue::from_static("test"));
     req
+}
+
+/// The metric name prefix a generated project gets: its package name with `-` made `_`.
+fn prefix() -> String {
+    env!("CARGO_PKG_NAME").replace('-', "_")
+}
+
+/// The samples of a Prometheus text exposition (format 0.0.4), read strictly: every line is a
+/// `# HELP`, a `# TYPE` or one sample of a declared family, with valid names, quoted label
+/// values and a number; histogram buckets are cumulative and end at `_count`.
+fn parse_metrics(text: &str) -> BTreeMap<String, f64> {
+    let name_ok = |name: &str| {
+        let mut chars = name.chars();
+        chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
+            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+    };
+    let mut types = BTreeMap::new();
+    let mut samples = BTreeMap::new();
+    let mut buckets: BTreeMap<String, f64> = BTreeMap::new();
+    assert!(text.ends_with('\n'), "the exposition ends with a newline");
+    for line in text.lines() {
+        if let Some(help) = line.strip_prefix("# HELP ") {
+            assert!(help.split_once(' ').is_some_and(|(name, _)| name_ok(name)), "{line}");
+            continue;
+        }
+        if let Some(declared) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = declared.split_once(' ').unwrap_or_else(|| panic!("{line}"));
+            assert!(name_ok(name) && ["counter", "gauge", "histogram"].contains(&kind), "{line}");
+            assert!(types.insert(name.to_owned(), kind.to_owned()).is_none(), "declared twice: {line}");
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("not a sample: {line}"));
+        let value: f64 = value.parse().unwrap_or_else(|_| panic!("not a number: {line}"));
+        let (name, labels) = series.split_once('{').unwrap_or((series, "}"));
+        assert!(name_ok(name), "{line}");
+        let family = ["_bucket", "_sum", "_count"].iter().find_map(|suffix| name.strip_suffix(suffix));
+        let histogram = family.filter(|family| types.get(*family).is_some_and(|kind| kind == "histogram"));
+        let kind = types.get(histogram.unwrap_or(name)).unwrap_or_else(|| panic!("no TYPE for {line}"));
+        assert!(histogram.is_some() || kind != "histogram", "a histogram's sample without a suffix: {line}");
+        let mut rest = labels.strip_suffix('}').unwrap_or_else(|| panic!("unclosed labels: {line}"));
+        let mut le = None;
+        while !rest.is_empty() {
+            let (label, after) = rest.split_once("=\"").unwrap_or_else(|| panic!("label: {line}"));
+            let (value, after) = after.split_once('"').unwrap_or_else(|| panic!("unquoted value: {line}"));
+            assert!(name_ok(label) && !value.contains('\\'), "{line}");
+            le = if label == "le" { Some(value) } else { le };
+            rest = after.strip_prefix(',').unwrap_or(after);
+            assert!(after.is_empty() || after.starts_with(','), "{line}");
+        }
+        if let (Some(family), Some(le)) = (histogram.filter(|_| name.ends_with("_bucket")), le) {
+            let key =
+                format!("{family}{}", series.replace(&format!(",le=\"{le}\""), "").trim_start_matches(name));
+            let previous = buckets.insert(key.clone(), value).unwrap_or(0.0);
+            assert!(value >= previous, "buckets are not cumulative: {line}");
+        }
+        assert!(samples.insert(series.to_owned(), value).is_none(), "sample twice: {line}");
+    }
+    for (series, last) in buckets {
+        let (family, labels) = series.split_once('{').expect("histograms here have labels");
+        assert_eq!(samples[&format!("{family}_count{{{labels}")], last, "+Inf bucket vs _count of {series}");
+    }
+    samples
 }
 
 /// Methods by path, as openapi.yaml's `paths:` section lists them.
@@ -774,7 +1153,7 @@ fn checkerboard(width: u32, height: u32) -> DynamicImage {
 }
 
 fn encode(image: &DynamicImage, format: ImageFormat) -> Vec<u8> {
-    if format == Jpeg {
+    if format == ImageFormat::Jpeg {
         return jpeg_of(&image.to_rgb8(), None);
     }
     let mut out = std::io::Cursor::new(Vec::new());
@@ -783,7 +1162,7 @@ fn encode(image: &DynamicImage, format: ImageFormat) -> Vec<u8> {
 }
 
 fn png_truncated() -> Vec<u8> {
-    let png = encode(&checkerboard(64, 64), Png);
+    let png = encode(&checkerboard(64, 64), ImageFormat::Png);
     png[..png.len() - 30].to_vec()
 }
 
