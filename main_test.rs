@@ -107,6 +107,7 @@ async fn unknown_paths_get_a_json_404() {
     assert_eq!(res.status(), StatusCode::NOT_FOUND);
     assert_eq!(res.headers()[header::CONTENT_TYPE], "application/json");
     assert_eq!(res.body(), r#"{"error":"not found"}"#);
+    assert!(res.headers().contains_key(X_REQUEST_ID));
     server.stop().await;
 }
 
@@ -423,6 +424,7 @@ async fn logs_are_json_lines_with_one_access_line_per_request() {
     assert_eq!(access["status"], 200);
     assert_eq!(access["bytes"], body_bytes);
     assert!(access["latency_us"].is_u64(), "latency_us in {access}");
+    assert_eq!(access["request_id"], res.headers()[X_REQUEST_ID].to_str().expect("an id"));
     assert_eq!((&lines[2]["cause"], &lines[2]["delay_s"]), (&json!("SIGTERM"), &json!(0)));
     assert_eq!(lines[3]["cause"], "SIGTERM");
 }
@@ -440,6 +442,7 @@ async fn a_panicking_handler_gets_a_500_and_the_connection_keeps_serving() {
 
     let res = send(&mut connection, Method::GET, "/panic").await;
     assert_eq!(res.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    let id = res.headers()[X_REQUEST_ID].to_str().expect("an id").to_owned();
     assert_eq!(res.body(), r#"{"error":"internal server error"}"#);
     let res = send(&mut connection, Method::GET, "/after").await;
     assert_eq!((res.status(), res.body().as_str()), (StatusCode::OK, "ok"));
@@ -449,7 +452,7 @@ async fn a_panicking_handler_gets_a_500_and_the_connection_keeps_serving() {
     assert_eq!(panic["panic"], "secret detail");
     let location = panic["location"].as_str().expect("location");
     assert!(location.starts_with("main_test.rs:"), "location {location}");
-    assert_eq!(panic["request"], "GET /panic");
+    assert_eq!((&panic["request"], &panic["request_id"]), (&json!("GET /panic"), &json!(id)));
     assert_eq!(server.logs.wait_for("accessed").await["status"], 500);
     server.stop().await;
 }
@@ -745,7 +748,18 @@ async fn resize_requests_past_the_queue_get_503_and_leaving_frees_a_place() {
     let refused = resize(server.addr, "width=10", jpeg(64, 64, None)).await;
     assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(refused.headers()[header::RETRY_AFTER], "1");
+    assert!(refused.headers().contains_key(X_REQUEST_ID));
     assert_eq!(refused.body().as_ref(), br#"{"error":"too many images in flight"}"#);
+    // A client that sends a large body without waiting reads the 503 too, not a reset.
+    let mut sending = within("connect", TcpStream::connect(server.addr)).await.expect("connect");
+    let large = vec![0_u8; 16 << 20];
+    let head =
+        format!("POST /resize?width=10 HTTP/1.1\r\nHost: test\r\nContent-Length: {}\r\n\r\n", large.len());
+    within("a write", sending.write_all(head.as_bytes())).await.expect("head");
+    within("a write", sending.write_all(&large)).await.expect("the server reads the rest of the body");
+    let mut status_line = [0; 12];
+    within("a read", sending.read_exact(&mut status_line)).await.expect("a response");
+    assert_eq!(&status_line, b"HTTP/1.1 503");
     assert_eq!(request(server.addr, Method::GET, "/health").await.status(), StatusCode::OK);
 
     drop(waiting);

@@ -4,6 +4,10 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// The longest the test waits for the server: then it kills it, so a hang fails the test.
+const TIMEOUT: Duration = Duration::from_secs(60);
 
 use serde_json::Value;
 
@@ -20,6 +24,7 @@ fn stdout_is_json_lines_that_fluent_bit_parses_from_start_to_shutdown() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start the binary");
+    let watchdog = kill_after(TIMEOUT, server.id());
     let mut server = KillOnDrop(server);
     let server = &mut server.0;
     let mut stdout = BufReader::new(server.stdout.take().expect("stdout is piped"));
@@ -60,6 +65,21 @@ fn stdout_is_json_lines_that_fluent_bit_parses_from_start_to_shutdown() {
     let statuses: Vec<&Value> = lines.iter().filter_map(|line| line.get("status")).collect();
     assert_eq!(statuses, [200, 404, 415, 503, 200]);
     assert_eq!(lines[7]["cause"], "SIGTERM");
+    assert!(
+        lines.iter().filter(|line| line["message"] == "accessed").all(|line| line["request_id"].is_string())
+    );
+    drop(watchdog);
+}
+
+/// Kills the process after `timeout` unless the returned sender is dropped first.
+fn kill_after(timeout: Duration, pid: u32) -> std::sync::mpsc::Sender<()> {
+    let (done, finished) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        if finished.recv_timeout(timeout) == Err(std::sync::mpsc::RecvTimeoutError::Timeout) {
+            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+        }
+    });
+    done
 }
 
 /// Kills the server when the test fails before it has stopped it.
@@ -100,6 +120,8 @@ fn fluent_bit_parses(timestamp: &str) -> bool {
 /// Sends one request on its own connection and returns the response's status code.
 fn http_status(port: u16, request_line: &str, body: &[u8]) -> u16 {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    stream.set_read_timeout(Some(TIMEOUT)).expect("a read timeout");
+    stream.set_write_timeout(Some(TIMEOUT)).expect("a write timeout");
     let head = format!("{request_line} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n");
     let head = format!("{head}Content-Length: {}\r\n\r\n", body.len());
     stream.write_all(&[head.as_bytes(), body].concat()).expect("send the request");
