@@ -221,14 +221,7 @@ async fn the_lines_of_a_panicking_image_job_carry_the_request_id() {
 /// hyper drops the answer of a client that hangs up first: it is still logged, as 499.
 #[tokio::test]
 async fn a_request_whose_client_hangs_up_is_logged_as_499() {
-    let (started_tx, mut started) = mpsc::unbounded_channel();
-    let handler = move |_| {
-        let started_tx = started_tx.clone();
-        async move {
-            started_tx.send(()).expect("test is waiting");
-            std::future::pending().await
-        }
-    };
+    let (handler, mut started) = never_answers();
     let mut server = ServeTest::start(handler).await;
     let mut stream = within("connect", TcpStream::connect(server.addr)).await.expect("connect");
     let head = "GET /slow?page=2 HTTP/1.1\r\nHost: test\r\nx-request-id: gone-1\r\n\r\n";
@@ -490,14 +483,7 @@ async fn shutdown_lets_a_request_in_flight_finish() {
 
 #[tokio::test(start_paused = true)]
 async fn shutdown_closes_connections_still_open_after_the_grace_period() {
-    let (started_tx, mut started) = mpsc::unbounded_channel();
-    let handler = move |_| {
-        let started_tx = started_tx.clone();
-        async move {
-            started_tx.send(()).expect("test is waiting");
-            std::future::pending().await
-        }
-    };
+    let (handler, mut started) = never_answers();
     let mut server = ServeTest::start(handler).await;
     let mut connection = connect(server.addr).await;
     let stuck = tokio::spawn(async move { connection.send_request(empty_request(Method::GET, "/")).await });
@@ -924,6 +910,22 @@ impl ServeTest {
         self.stop.send("SIGTERM").expect("server is running");
         within("serve to return", self.done).await.expect("serve returned");
     }
+}
+
+type NeverAnswers = std::pin::Pin<Box<dyn Future<Output = Response<Body>> + Send>>;
+
+/// A handler that never answers, and a receiver that hears each time it starts.
+fn never_answers()
+-> (impl Fn(Request<Incoming>) -> NeverAnswers + Clone + Send + Sync, mpsc::UnboundedReceiver<()>) {
+    let (started_tx, started) = mpsc::unbounded_channel();
+    let handler = move |_| {
+        let started_tx = started_tx.clone();
+        Box::pin(async move {
+            started_tx.send(()).expect("test is waiting");
+            std::future::pending().await
+        }) as NeverAnswers
+    };
+    (handler, started)
 }
 
 /// Logs panics as `main` does, once for the whole test binary.
