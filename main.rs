@@ -287,10 +287,16 @@ impl Drop for AccessLine<'_> {
         let latency = self.start.elapsed();
         let route = if self.unmatched { "unmatched" } else { self.uri.path() };
         self.metrics.count(route, &self.method, self.status, latency);
-        let (method, path, query) =
-            (self.method.as_str(), self.uri.path(), self.uri.query().unwrap_or_default());
-        let latency_us = latency.as_micros() as u64;
-        info!(method, path, query, ip = %self.peer, status = self.status, bytes = self.bytes, latency_us, "accessed");
+        info!(
+            method = self.method.as_str(),
+            path = self.uri.path(),
+            query = self.uri.query().unwrap_or_default(),
+            ip = %self.peer,
+            status = self.status,
+            bytes = self.bytes,
+            latency_us = latency.as_micros() as u64,
+            "accessed"
+        );
     }
 }
 
