@@ -701,7 +701,9 @@ struct ResizeJob {
 impl ResizeJob {
     fn parse(query: &str, max_pixels: u64) -> Result<ResizeJob, String> {
         let mut job = ResizeJob { width: None, height: None, format: None, quality: 80, max_pixels };
-        for (name, value) in query.split('&').filter_map(|pair| pair.split_once('=')) {
+        // Decoded as clients encode a query: `width=%31%30` is `width=10`.
+        for (name, value) in form_urlencoded::parse(query.as_bytes()) {
+            let (name, value) = (name.as_ref(), value.as_ref());
             match name {
                 "width" => job.width = Some(parse_in_range(name, value, 1..=MAX_SIDE)?),
                 "height" => job.height = Some(parse_in_range(name, value, 1..=MAX_SIDE)?),
@@ -792,9 +794,10 @@ impl ResizeJob {
         self.check_pixels(size)?;
         let exif = decoder.exif_data().and_then(Orientation::from_exif_chunk);
         let orientation = exif.unwrap_or(Orientation::NoTransforms);
-        // Within the stored size, which fits in u16 as every JPEG's does.
+        // No larger than the stored size, which is a u16 in every JPEG.
         let (width, height) = self.fit_inside(size, orientation);
-        let (width, height) = decoder.scale(width as u16, height as u16).map_err(corrupt)?;
+        let side = |len: u32| u16::try_from(len).unwrap_or(u16::MAX);
+        let (width, height) = decoder.scale(side(width), side(height)).map_err(corrupt)?;
         let pixels = decoder.decode().map_err(corrupt)?;
         let (width, height) = (u32::from(width), u32::from(height));
         let image: Option<DynamicImage> = match info.pixel_format {
@@ -806,12 +809,14 @@ impl ResizeJob {
         Ok((image.ok_or(unsupported)?, orientation))
     }
 
-    /// The stored size at which the upright image fits the box, keeping its aspect; no upscaling.
+    /// The stored size at which the upright image fits the box, keeping its aspect; no upscaling. A
+    /// side left out means at most MAX_SIDE, so every result fits every encoder (WebP's limit is
+    /// 16383 a side, JPEG's 65535).
     fn fit_inside(&self, (width, height): (u32, u32), orientation: Orientation) -> (u32, u32) {
         let turned = orientation.to_exif() >= 5; // EXIF 5 to 8 swap the axes
         let (max_width, max_height) =
             if turned { (self.height, self.width) } else { (self.width, self.height) };
-        let ratio = |max: Option<u32>, len: u32| max.map_or(1.0, |max| f64::from(max) / f64::from(len));
+        let ratio = |max: Option<u32>, len: u32| f64::from(max.unwrap_or(MAX_SIDE)) / f64::from(len);
         let scale = ratio(max_width, width).min(ratio(max_height, height)).min(1.0);
         let scaled = |len: u32| ((f64::from(len) * scale).round() as u32).max(1);
         (scaled(width), scaled(height))
@@ -835,7 +840,9 @@ fn encode_jpeg(mut image: DynamicImage, quality: u8, out: &mut Vec<u8>) -> Resul
         image = white.into();
     }
     let rgb = image.into_rgb8();
-    let (width, height) = (rgb.width() as u16, rgb.height() as u16);
+    // At most MAX_SIDE (`fit_inside`), so within JPEG's u16.
+    let side = |len: u32| u16::try_from(len).map_err(|err| ImageError::IoError(io::Error::other(err)));
+    let (width, height) = (side(rgb.width())?, side(rgb.height())?);
     let encoded = rusty_jpeg::encode::Encoder::new(out, quality).encode(&rgb, width, height, ColorType::Rgb);
     encoded.map_err(|err| ImageError::IoError(io::Error::other(err)))
 }

@@ -628,6 +628,45 @@ async fn a_jpeg_is_turned_upright_as_its_exif_orientation_says() {
     server.stop().await;
 }
 
+/// A side left out means at most 10000, so a narrow box on a panorama stays within every
+/// encoder's limits (WebP 16383 a side, JPEG 65535) instead of a 500 or a wrapped width.
+#[tokio::test]
+async fn a_result_fits_every_encoder_whatever_the_aspect_ratio() {
+    let server = TestServer::start(&[]).await;
+    let panorama =
+        |width, height| encode(&DynamicImage::from(RgbImage::new(width, height)), ImageFormat::Png);
+    let cases = [
+        (panorama(20_000, 10), "height=10&format=webp", ImageFormat::WebP, (10_000, 5)),
+        (panorama(65_536, 1), "height=1&format=jpeg", ImageFormat::Jpeg, (10_000, 1)),
+        (panorama(100_000, 1), "height=1&format=jpeg", ImageFormat::Jpeg, (10_000, 1)),
+        (panorama(100_000, 1), "format=png&width=10000", ImageFormat::Png, (10_000, 1)),
+    ];
+    for (image, query, format, expected) in cases {
+        let res = resize(server.addr, query, image).await;
+        assert_eq!(res.status(), StatusCode::OK, "{query}: {}", String::from_utf8_lossy(res.body()));
+        let output = image::load_from_memory_with_format(res.body(), format).expect("decodes");
+        assert_eq!((output.width(), output.height()), expected, "{query}");
+    }
+    server.stop().await;
+}
+
+/// Query values are read as every HTTP client encodes them: `%31%35%30` is 150.
+#[tokio::test]
+async fn query_values_are_percent_decoded() {
+    let server = TestServer::start(&[]).await;
+    let photo = jpeg(300, 200, None);
+    for (query, format, expected) in [
+        ("width=%31%35%30", ImageFormat::Jpeg, (150, 100)),
+        ("h%65ight=50&format=%70ng", ImageFormat::Png, (75, 50)),
+    ] {
+        let res = resize(server.addr, query, photo.clone()).await;
+        assert_eq!(res.status(), StatusCode::OK, "{query}: {}", String::from_utf8_lossy(res.body()));
+        let output = image::load_from_memory_with_format(res.body(), format).expect("decodes");
+        assert_eq!((output.width(), output.height()), expected, "{query}");
+    }
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn hostile_input_gets_a_clear_4xx_and_the_server_keeps_serving() {
     let server = TestServer::start(&[]).await;
