@@ -543,6 +543,9 @@ const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 const LINGER_TIME: Duration = Duration::from_secs(5);
 /// The largest width or height /resize produces.
 const MAX_SIDE: u32 = 10_000;
+/// A progressive JPEG may have any number of scans, each a pass over every block, so a small file
+/// of thousands is seconds of CPU. Encoders write about 10; libjpeg-turbo and zune-jpeg limit them too.
+const MAX_JPEG_SCANS: usize = 100;
 /// Resize requests admitted per core, working or waiting for a core; past them, 503.
 const QUEUE_PER_CORE: usize = 8;
 
@@ -786,6 +789,13 @@ impl ResizeJob {
     fn decode_jpeg(&self, input: &[u8]) -> Result<(DynamicImage, Orientation), Refusal> {
         let corrupt =
             |err| Refusal(StatusCode::UNPROCESSABLE_ENTITY, format!("truncated or corrupt JPEG: {err}"));
+        // A start-of-scan marker cannot occur in entropy-coded data, where a 0xFF is followed by 0:
+        // this counts every scan, and at most overcounts those of an embedded thumbnail.
+        let scans = memchr::memmem::find_iter(input, b"\xFF\xDA").count();
+        if scans > MAX_JPEG_SCANS {
+            let message = format!("a JPEG of {scans} scans, over the limit of {MAX_JPEG_SCANS}");
+            return Err(Refusal(StatusCode::UNPROCESSABLE_ENTITY, message));
+        }
         let mut decoder = rusty_jpeg::decode::Decoder::new(input);
         decoder.set_single_threaded(true); // images run one per core already
         decoder.read_info().map_err(corrupt)?;

@@ -650,6 +650,39 @@ async fn a_result_fits_every_encoder_whatever_the_aspect_ratio() {
     server.stop().await;
 }
 
+/// A progressive JPEG whose last scan is repeated: each copy is a pass over every block.
+#[tokio::test]
+async fn a_jpeg_of_too_many_scans_is_refused_before_it_is_decoded() {
+    let server = TestServer::start(&[]).await;
+    let grey = GrayImage::from_fn(256, 256, |x, y| image::Luma([(x ^ y) as u8]));
+    let mut progressive = Vec::new();
+    let mut encoder = rusty_jpeg::encode::Encoder::new(&mut progressive, 90);
+    encoder.set_progressive(true);
+    encoder.encode(&grey, 256, 256, rusty_jpeg::encode::ColorType::Luma).expect("encode");
+    let scans = |jpeg: &[u8]| jpeg.windows(2).filter(|pair| *pair == [0xFF, 0xDA]).count();
+    let last_scan = progressive.windows(2).rposition(|pair| pair == [0xFF, 0xDA]).expect("a scan");
+    let end = progressive.len() - 2; // the end-of-image marker
+    let repeated = |copies| {
+        let scan = &progressive[last_scan..end];
+        [&progressive[..end], &scan.repeat(copies), &progressive[end..]].concat()
+    };
+    assert!(scans(&progressive) < 20, "an ordinary progressive JPEG has a few scans");
+    let res = resize(server.addr, "width=64", progressive.clone()).await;
+    assert_eq!(res.status(), StatusCode::OK, "{}", String::from_utf8_lossy(res.body()));
+
+    let bomb = repeated(3_000);
+    assert_eq!(scans(&bomb), scans(&progressive) + 3_000);
+    let res = resize(server.addr, "width=64", bomb).await;
+    assert_eq!(res.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let message = format!("a JPEG of {} scans, over the limit of 100", scans(&progressive) + 3_000);
+    assert!(
+        String::from_utf8_lossy(res.body()).contains(&message),
+        "{}",
+        String::from_utf8_lossy(res.body())
+    );
+    server.stop().await;
+}
+
 /// Query values are read as every HTTP client encodes them: `%31%35%30` is 150.
 #[tokio::test]
 async fn query_values_are_percent_decoded() {
