@@ -765,7 +765,15 @@ impl ResizeJob {
         let (image, orientation) = match format {
             ImageFormat::Jpeg => self.decode_jpeg(input)?,
             _ => {
-                let reader = ImageReader::with_format(std::io::Cursor::new(input), format);
+                let mut reader = ImageReader::with_format(std::io::Cursor::new(input), format);
+                // PNG inflates its colour profile in memory: a 1 MB file could ask for 1 GB. Its
+                // decoder's own allocations (metadata and a row) get 8 MiB; the pixels are
+                // bounded by `check_pixels`.
+                if format == ImageFormat::Png {
+                    let mut limits = image::Limits::default();
+                    limits.max_alloc = Some(8 << 20);
+                    reader.limits(limits);
+                }
                 let decoder = reader.into_decoder().map_err(undecodable)?;
                 self.check_pixels(decoder.dimensions())?;
                 (DynamicImage::from_decoder(decoder).map_err(undecodable)?, Orientation::NoTransforms)

@@ -8,6 +8,7 @@ use http_body_util::BodyExt;
 use hyper::client::conn::http1 as client;
 use image::{GrayImage, RgbImage, RgbaImage};
 use serde_json::{Value, json};
+use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -683,6 +684,32 @@ async fn a_jpeg_of_too_many_scans_is_refused_before_it_is_decoded() {
     server.stop().await;
 }
 
+/// A small PNG whose colour profile inflates to 100 MB costs a few MB to resize, not 100: the
+/// decoder caps what metadata may take. Its peak is counted on this thread, where it is decoded.
+#[tokio::test]
+async fn a_png_whose_metadata_inflates_to_100_mb_costs_a_few_mb() {
+    let with_profile = |profile: &[u8]| {
+        let mut zlib = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::best());
+        io::Write::write_all(&mut zlib, profile).expect("compress");
+        let iccp = [&b"bomb\0\0"[..], &zlib.finish().expect("compress")].concat();
+        let png = encode(&checkerboard(64, 64), ImageFormat::Png);
+        let after_header = 8 + 25; // the signature, then IHDR, which must come first
+        [&png[..after_header], &png_chunk(b"iCCP", &iccp), &png[after_header..]].concat()
+    };
+    let bomb = with_profile(&vec![0; 100 << 20]);
+    assert!(bomb.len() < 200_000, "the bomb is {} bytes", bomb.len());
+    let job = ResizeJob::parse("width=32", 50_000_000).expect("query");
+    let (resized, peak) = peak_allocation(|| job.process(&bomb));
+    assert!(resized.is_ok(), "the image itself is fine");
+    assert!(peak < 16 << 20, "resizing the bomb held {} MiB at its peak", peak >> 20);
+
+    let server = TestServer::start(&[]).await;
+    for png in [with_profile(&[7; 4000]), bomb] {
+        assert_eq!(resize(server.addr, "width=32", png).await.status(), StatusCode::OK);
+    }
+    server.stop().await;
+}
+
 /// Query values are read as every HTTP client encodes them: `%31%35%30` is 150.
 #[tokio::test]
 async fn query_values_are_percent_decoded() {
@@ -1254,18 +1281,73 @@ fn png_truncated() -> Vec<u8> {
     png[..png.len() - 30].to_vec()
 }
 
+/// What `work` returns, and the most bytes this thread held at once while it ran, beyond what it
+/// held before.
+fn peak_allocation<T>(work: impl FnOnce() -> T) -> (T, usize) {
+    let before = LIVE_BYTES.with(Cell::get);
+    PEAK_BYTES.with(|peak| peak.set(before));
+    let result = work();
+    (result, PEAK_BYTES.with(Cell::get).saturating_sub(before))
+}
+
+thread_local! {
+    static LIVE_BYTES: Cell<usize> = const { Cell::new(0) };
+    static PEAK_BYTES: Cell<usize> = const { Cell::new(0) };
+}
+
+/// The system allocator, counting each thread's live bytes and their peak for `peak_allocation`.
+struct CountingAllocator;
+
+#[global_allocator]
+static ALLOCATOR: CountingAllocator = CountingAllocator;
+
+impl CountingAllocator {
+    fn count(grown: usize, shrunk: usize) {
+        let _ = LIVE_BYTES.try_with(|live| {
+            live.set((live.get() + grown).saturating_sub(shrunk));
+            let _ = PEAK_BYTES.try_with(|peak| peak.set(peak.get().max(live.get())));
+        });
+    }
+}
+
+// SAFETY: every call goes to the system allocator unchanged; only the counters are added.
+unsafe impl std::alloc::GlobalAlloc for CountingAllocator {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        let pointer = unsafe { std::alloc::System.alloc(layout) };
+        if !pointer.is_null() {
+            Self::count(layout.size(), 0);
+        }
+        pointer
+    }
+
+    unsafe fn dealloc(&self, pointer: *mut u8, layout: std::alloc::Layout) {
+        unsafe { std::alloc::System.dealloc(pointer, layout) };
+        Self::count(0, layout.size());
+    }
+
+    unsafe fn realloc(&self, pointer: *mut u8, layout: std::alloc::Layout, size: usize) -> *mut u8 {
+        let moved = unsafe { std::alloc::System.realloc(pointer, layout, size) };
+        if !moved.is_null() {
+            Self::count(size, layout.size());
+        }
+        moved
+    }
+}
+
+/// A PNG chunk: length, type, data and CRC.
+fn png_chunk(kind: &[u8], data: &[u8]) -> Vec<u8> {
+    let body = [kind, data].concat();
+    [&(data.len() as u32).to_be_bytes()[..], &body, &crc32(&body).to_be_bytes()].concat()
+}
+
 /// A PNG of a few dozen bytes whose header claims `width`×`height` pixels.
 fn png_bomb(width: u32, height: u32) -> Vec<u8> {
-    let chunk = |kind: &[u8], data: &[u8]| {
-        let body = [kind, data].concat();
-        [&(data.len() as u32).to_be_bytes()[..], &body, &crc32(&body).to_be_bytes()].concat()
-    };
     let header = [&width.to_be_bytes()[..], &height.to_be_bytes(), &[8, 6, 0, 0, 0]].concat();
     [
         &b"\x89PNG\r\n\x1a\n"[..],
-        &chunk(b"IHDR", &header),
-        &chunk(b"IDAT", &[0x78, 0x9c, 3, 0]),
-        &chunk(b"IEND", &[]),
+        &png_chunk(b"IHDR", &header),
+        &png_chunk(b"IDAT", &[0x78, 0x9c, 3, 0]),
+        &png_chunk(b"IEND", &[]),
     ]
     .concat()
 }
