@@ -795,8 +795,12 @@ impl ResizeJob {
 
     /// Decodes at the smallest DCT scale (1/8 to 1) still at least the target size, as libvips does.
     fn decode_jpeg(&self, input: &[u8]) -> Result<(DynamicImage, Orientation), Refusal> {
-        let corrupt =
-            |err| Refusal(StatusCode::UNPROCESSABLE_ENTITY, format!("truncated or corrupt JPEG: {err}"));
+        let corrupt = |err| match err {
+            rusty_jpeg::decode::Error::Unsupported(_) => {
+                Refusal(StatusCode::UNPROCESSABLE_ENTITY, err.to_string())
+            }
+            _ => Refusal(StatusCode::UNPROCESSABLE_ENTITY, format!("truncated or corrupt JPEG: {err}")),
+        };
         // A start-of-scan marker cannot occur in entropy-coded data, where a 0xFF is followed by 0:
         // this counts every scan, and at most overcounts those of an embedded thumbnail.
         let scans = memchr::memmem::find_iter(input, b"\xFF\xDA").count();
@@ -821,9 +825,11 @@ impl ResizeJob {
         let image: Option<DynamicImage> = match info.pixel_format {
             PixelFormat::RGB24 => RgbImage::from_raw(width, height, pixels).map(Into::into),
             PixelFormat::L8 => GrayImage::from_raw(width, height, pixels).map(Into::into),
-            _ => None,
+            PixelFormat::CMYK32 => RgbImage::from_raw(width, height, cmyk_to_rgb(&pixels)).map(Into::into),
+            PixelFormat::L16 => None,
         };
-        let unsupported = Refusal(StatusCode::UNSUPPORTED_MEDIA_TYPE, "only 8-bit RGB or grey JPEGs".into());
+        let unsupported =
+            Refusal(StatusCode::UNPROCESSABLE_ENTITY, "a 16-bit JPEG: only 8-bit ones are read".into());
         Ok((image.ok_or(unsupported)?, orientation))
     }
 
@@ -863,6 +869,15 @@ fn encode_jpeg(mut image: DynamicImage, quality: u8, out: &mut Vec<u8>) -> Resul
     let (width, height) = (side(rgb.width())?, side(rgb.height())?);
     let encoded = rusty_jpeg::encode::Encoder::new(out, quality).encode(&rgb, width, height, ColorType::Rgb);
     encoded.map_err(|err| ImageError::IoError(io::Error::other(err)))
+}
+
+/// RGB from the decoder's CMYK, ink from 0 (none) to 255, which it gives for Adobe's inverted CMYK
+/// and for YCCK alike: the conversion Pillow and libvips make when there is no colour profile.
+fn cmyk_to_rgb(cmyk: &[u8]) -> Vec<u8> {
+    let light = |ink: u8, black: u8| ((255 - u16::from(ink)) * (255 - u16::from(black)) / 255) as u8;
+    cmyk.chunks_exact(4)
+        .flat_map(|ink| [light(ink[0], ink[3]), light(ink[1], ink[3]), light(ink[2], ink[3])])
+        .collect()
 }
 
 fn undecodable(err: ImageError) -> Refusal {

@@ -710,6 +710,38 @@ async fn a_png_whose_metadata_inflates_to_100_mb_costs_a_few_mb() {
     server.stop().await;
 }
 
+/// CMYK and YCCK JPEGs, as print workflows write them (with Adobe's marker), come out as RGB; a
+/// JPEG feature the decoder lacks is a 422 that names it.
+#[tokio::test]
+async fn cmyk_and_ycck_jpegs_are_read_and_an_unsupported_feature_is_named() {
+    let server = TestServer::start(&[]).await;
+    // Ink from 0 to 255: left half red (magenta and yellow), right half black at half strength.
+    let ink: Vec<u8> =
+        (0..32 * 64).flat_map(|i| if i % 64 < 32 { [0, 255, 255, 0] } else { [0, 0, 0, 128] }).collect();
+    for color in [rusty_jpeg::encode::ColorType::Cmyk, rusty_jpeg::encode::ColorType::CmykAsYcck] {
+        let mut cmyk = Vec::new();
+        rusty_jpeg::encode::Encoder::new(&mut cmyk, 95).encode(&ink, 64, 32, color).expect("encode");
+        let res = resize(server.addr, "width=32", cmyk).await;
+        assert_eq!(res.status(), StatusCode::OK, "{color:?}: {}", String::from_utf8_lossy(res.body()));
+        let output = image::load_from_memory_with_format(res.body(), ImageFormat::Jpeg).expect("a JPEG");
+        let output = output.into_rgb8();
+        let (red, grey) = (output.get_pixel(4, 8).0, output.get_pixel(28, 8).0);
+        assert!(red[0] > 240 && red[1] < 15 && red[2] < 15, "{color:?} red {red:?}");
+        assert!(grey.iter().all(|&level| level.abs_diff(127) <= 4), "{color:?} grey {grey:?}");
+    }
+    let mut arithmetic = jpeg(16, 16, None);
+    let frame = arithmetic.windows(2).position(|marker| marker == [0xFF, 0xC0]).expect("a baseline frame");
+    arithmetic[frame + 1] = 0xC9; // the same frame, arithmetic-coded
+    let res = resize(server.addr, "width=8", arithmetic).await;
+    let text = String::from_utf8_lossy(res.body());
+    assert_eq!(res.status(), StatusCode::UNPROCESSABLE_ENTITY, "{text}");
+    assert!(
+        text.contains("unsupported JPEG feature: ArithmeticEntropyCoding") && !text.contains("corrupt"),
+        "{text}"
+    );
+    server.stop().await;
+}
+
 /// Query values are read as every HTTP client encodes them: `%31%35%30` is 150.
 #[tokio::test]
 async fn query_values_are_percent_decoded() {
