@@ -1433,3 +1433,128 @@ fn luma_ssim(a: &GrayImage, b: &GrayImage) -> f64 {
     }
     total.0 / f64::from(total.1)
 }
+
+/// Seeded mutations of small valid images in every format read, through the whole pipeline:
+/// each must give an image or a 4xx, never a panic or a 5xx, in a time proportional to its size.
+/// A CPU bomb took seconds for 100 KB; here 0.5 s plus 10 µs a byte is the bound.
+#[test]
+fn mutated_images_get_an_image_or_a_4xx_in_bounded_time() {
+    let seeds = mutation_seeds();
+    let queries = ["width=16", "height=9&format=png", "width=40&height=5&format=webp", "width=3&format=jpeg"];
+    let mut random = fastrand::Rng::with_seed(0x6b69_636b);
+    let mut count = 0;
+    let mut images = 0;
+    for (name, seed) in &seeds {
+        for round in 0..450 {
+            let input = mutate(seed, &mut random);
+            let query = queries[round % queries.len()];
+            let job = ResizeJob::parse(query, 50_000_000).expect("query");
+            let started = std::time::Instant::now();
+            let outcome = catch_unwind(AssertUnwindSafe(|| job.process(&input)));
+            let took = started.elapsed();
+            let case = format!("{name} round {round} ({} bytes, {query})", input.len());
+            match outcome {
+                Err(_) => panic!("{case} panicked"),
+                Ok(Err(Refusal(status, message))) => {
+                    assert!(status.is_client_error(), "{case}: {status} {message}")
+                }
+                Ok(Ok(_)) => images += 1,
+            }
+            let bound = Duration::from_millis(500) + Duration::from_micros(10) * input.len() as u32;
+            assert!(took < bound, "{case} took {took:?}, over {bound:?}");
+            count += 1;
+        }
+    }
+    assert_eq!(count, seeds.len() * 450);
+    assert!(images > count / 5, "only {images} of {count} inputs decoded: the mutations are too blunt");
+}
+
+/// Small valid images: JPEG (baseline with EXIF, progressive, CMYK), PNG (alpha with text and
+/// colour profile chunks, grey), WebP and GIF.
+fn mutation_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    let picture = checkerboard(48, 32);
+    let rotate_90 = b"Exif\0\0MM\0\x2a\0\0\0\x08\0\x01\x01\x12\0\x03\0\0\0\x01\0\x06\0\0\0\0\0\0";
+    let mut progressive = Vec::new();
+    let mut encoder = rusty_jpeg::encode::Encoder::new(&mut progressive, 85);
+    encoder.set_progressive(true);
+    encoder.encode(&picture.to_rgb8(), 48, 32, rusty_jpeg::encode::ColorType::Rgb).expect("encode");
+    let mut cmyk = Vec::new();
+    let ink: Vec<u8> =
+        picture.to_rgb8().pixels().flat_map(|p| [255 - p[0], 255 - p[1], 255 - p[2], 0]).collect();
+    rusty_jpeg::encode::Encoder::new(&mut cmyk, 85)
+        .encode(&ink, 48, 32, rusty_jpeg::encode::ColorType::Cmyk)
+        .expect("encode");
+    let png = encode(&picture, ImageFormat::Png);
+    let after_header = 8 + 25;
+    let chunks = [
+        png_chunk(b"tEXt", b"Comment\0made in a test"),
+        png_chunk(b"iCCP", b"p\0\0\x78\x9c\x03\0\0\0\0\x01"),
+    ];
+    let png_with_metadata = [&png[..after_header], &chunks.concat(), &png[after_header..]].concat();
+    vec![
+        ("baseline JPEG with EXIF", jpeg_of(&picture.to_rgb8(), Some(rotate_90))),
+        ("progressive JPEG", progressive),
+        ("CMYK JPEG", cmyk),
+        ("RGBA PNG with tEXt and iCCP", png_with_metadata),
+        ("grey PNG", encode(&DynamicImage::from(picture.to_luma8()), ImageFormat::Png)),
+        ("WebP", encode(&picture, ImageFormat::WebP)),
+        ("GIF", encode(&picture, ImageFormat::Gif)),
+    ]
+}
+
+/// One of: flipped bits, inserted or deleted bytes, a truncation, a 2- or 4-byte field set to an
+/// extreme value, or a JPEG marker segment or PNG chunk repeated.
+fn mutate(seed: &[u8], random: &mut fastrand::Rng) -> Vec<u8> {
+    let mut input = seed.to_vec();
+    let at = random.usize(..input.len());
+    match random.u8(..6) {
+        0 => {
+            for _ in 0..random.usize(1..8) {
+                let at = random.usize(..input.len());
+                input[at] ^= 1 << random.u8(..8);
+            }
+        }
+        1 => {
+            let bytes: Vec<u8> = (0..random.usize(1..64)).map(|_| random.u8(..)).collect();
+            input.splice(at..at, bytes);
+        }
+        2 => drop(input.drain(at..(at + random.usize(1..64)).min(input.len()))),
+        3 => input.truncate(at),
+        4 => {
+            let extreme: &[u8] = random
+                .choice([&[0, 0][..], &[0xFF, 0xFF], &[0x7F, 0xFF], &[0xFF; 4], &[0, 0, 0, 0]])
+                .expect("values");
+            let end = (at + extreme.len()).min(input.len());
+            input[at..end].copy_from_slice(&extreme[..end - at]);
+        }
+        _ => {
+            let (start, end) = segment_at(&input, at);
+            let segment = input[start..end].to_vec();
+            for _ in 0..random.usize(1..40) {
+                input.splice(start..start, segment.iter().copied());
+            }
+        }
+    }
+    input
+}
+
+/// The JPEG marker segment or PNG chunk that starts nearest before `at`, or 16 bytes there.
+fn segment_at(input: &[u8], at: usize) -> (usize, usize) {
+    let length = |start: usize, header: usize, size: usize| start + header + size;
+    for start in (0..=at).rev() {
+        if input[start] == 0xFF && input.get(start + 1).is_some_and(|marker| (0xC0..=0xFE).contains(marker)) {
+            let size = input
+                .get(start + 2..start + 4)
+                .map_or(0, |size| usize::from(u16::from_be_bytes([size[0], size[1]])));
+            return (start, length(start, 2, size).min(input.len()));
+        }
+        if input.get(start + 4..start + 8).is_some_and(|kind| kind.iter().all(u8::is_ascii_alphabetic))
+            && start >= 8
+        {
+            let size =
+                u32::from_be_bytes([input[start], input[start + 1], input[start + 2], input[start + 3]]);
+            return (start, length(start, 12, size as usize).min(input.len()));
+        }
+    }
+    (at, (at + 16).min(input.len()))
+}
