@@ -10,6 +10,7 @@ DOCKER ?= docker
 IMAGE ?= $(BIN)
 LINT_TOOLS ?= target/lint-tools
 LINTERS := $(addprefix $(LINT_TOOLS)/bin/,openapi-spec-validator hadolint zizmor check-jsonschema kubernetes-validate)
+CARGO_DENY := $(LINT_TOOLS)/bin/cargo-deny
 # The Kubernetes version whose schemas deploy/kubernetes.yaml is checked against.
 KUBERNETES := 1.34.0
 
@@ -30,18 +31,24 @@ run:
 test:
 	cargo test --locked
 
-# Besides the Rust linters: openapi.yaml is valid OpenAPI 3.1, the Dockerfile passes hadolint, the
-# workflows pass zizmor's security audit and the workflow and Dependabot schemas (all offline), and
-# the Kubernetes manifest the schemas of Kubernetes $(KUBERNETES).
-lint: $(LINTERS)
+# Besides the Rust linters: the dependency tree passes cargo deny (deny.toml), openapi.yaml is valid
+# OpenAPI 3.1, the Dockerfile passes hadolint, the workflows pass zizmor's security audit and the
+# workflow and Dependabot schemas (all offline), and the Kubernetes manifest the schemas of
+# Kubernetes $(KUBERNETES).
+lint: $(LINTERS) $(CARGO_DENY)
 	cargo fmt --check
 	cargo clippy --locked --all-targets -- -D warnings
+	$(CARGO_DENY) --locked check licenses bans sources
 	$(LINT_TOOLS)/bin/openapi-spec-validator openapi.yaml
 	$(LINT_TOOLS)/bin/hadolint Dockerfile
 	$(LINT_TOOLS)/bin/zizmor --offline --quiet .github
 	$(LINT_TOOLS)/bin/check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml
 	$(LINT_TOOLS)/bin/check-jsonschema --builtin-schema vendor.dependabot .github/dependabot.yml
 	$(LINT_TOOLS)/bin/kubernetes-validate --strict --quiet -k $(KUBERNETES) deploy/kubernetes.yaml
+
+# Built once into target/, like the linters above (a few minutes).
+$(CARGO_DENY):
+	cargo install --locked --quiet --root $(LINT_TOOLS) cargo-deny --version 0.20.2
 
 $(LINTERS) &:
 	python3 -m venv $(LINT_TOOLS)

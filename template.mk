@@ -12,7 +12,7 @@ template:
 # names itself, carries no template syntax, has the same workflows, builds as the Dockerfile does,
 # passes its linters (its workflows and its manifest with its name) and its tests. It shares target/
 # and the linters, so only the crate is rebuilt.
-template-check: $(LINTERS)
+template-check: $(LINTERS) $(CARGO_DENY)
 	command -v cargo-generate >/dev/null || cargo install --locked cargo-generate --version 0.23.14
 	for file in $(TWINS); do $(TWIN) $$file | cmp -s - $$file.liquid || \
 	  { echo "$$file.liquid is stale: run make template"; exit 1; }; done
