@@ -545,7 +545,9 @@ const LINGER_TIME: Duration = Duration::from_secs(5);
 const MAX_SIDE: u32 = 10_000;
 /// A progressive JPEG may have any number of scans, each a pass over every block, so a small file
 /// of thousands is seconds of CPU. Encoders write about 10; libjpeg-turbo and zune-jpeg limit them too.
-const MAX_JPEG_SCANS: usize = 100;
+const MAX_JPEG_SCANS: u64 = 100;
+/// The pixels of all a JPEG's scans together: a 50-megapixel photo may have 12, a 12-megapixel one 50.
+const MAX_SCANNED_PIXELS: u64 = 600_000_000;
 /// Resize requests admitted per core, working or waiting for a core; past them, 503.
 const QUEUE_PER_CORE: usize = 8;
 
@@ -801,19 +803,21 @@ impl ResizeJob {
             }
             _ => Refusal(StatusCode::UNPROCESSABLE_ENTITY, format!("truncated or corrupt JPEG: {err}")),
         };
-        // A start-of-scan marker cannot occur in entropy-coded data, where a 0xFF is followed by 0:
-        // this counts every scan, and at most overcounts those of an embedded thumbnail.
-        let scans = memchr::memmem::find_iter(input, b"\xFF\xDA").count();
-        if scans > MAX_JPEG_SCANS {
-            let message = format!("a JPEG of {scans} scans, over the limit of {MAX_JPEG_SCANS}");
-            return Err(Refusal(StatusCode::UNPROCESSABLE_ENTITY, message));
-        }
         let mut decoder = rusty_jpeg::decode::Decoder::new(input);
         decoder.set_single_threaded(true); // images run one per core already
         decoder.read_info().map_err(corrupt)?;
         let info = decoder.info().expect("read_info found the frame");
         let size = (u32::from(info.width), u32::from(info.height));
         self.check_pixels(size)?;
+        // A start-of-scan marker cannot occur in entropy-coded data, where a 0xFF is followed by 0:
+        // this counts every scan, and at most overcounts those of an embedded thumbnail.
+        let scans = memchr::memmem::find_iter(input, b"\xFF\xDA").count() as u64;
+        let scanned = scans * u64::from(size.0) * u64::from(size.1);
+        if scans > MAX_JPEG_SCANS || scanned > MAX_SCANNED_PIXELS {
+            let limits = format!("at most {MAX_JPEG_SCANS}, and {MAX_SCANNED_PIXELS} pixels in all");
+            let message = format!("a JPEG of {scans} scans of {}x{} pixels: {limits}", size.0, size.1);
+            return Err(Refusal(StatusCode::UNPROCESSABLE_ENTITY, message));
+        }
         let exif = decoder.exif_data().and_then(Orientation::from_exif_chunk);
         let orientation = exif.unwrap_or(Orientation::NoTransforms);
         // No larger than the stored size, which is a u16 in every JPEG.

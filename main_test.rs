@@ -675,7 +675,7 @@ async fn a_jpeg_of_too_many_scans_is_refused_before_it_is_decoded() {
     assert_eq!(scans(&bomb), scans(&progressive) + 3_000);
     let res = resize(server.addr, "width=64", bomb).await;
     assert_eq!(res.status(), StatusCode::UNPROCESSABLE_ENTITY);
-    let message = format!("a JPEG of {} scans, over the limit of 100", scans(&progressive) + 3_000);
+    let message = format!("a JPEG of {} scans of 256x256 pixels: at most 100", scans(&progressive) + 3_000);
     assert!(
         String::from_utf8_lossy(res.body()).contains(&message),
         "{}",
