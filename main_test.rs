@@ -681,6 +681,15 @@ async fn a_jpeg_of_too_many_scans_is_refused_before_it_is_decoded() {
         "{}",
         String::from_utf8_lossy(res.body())
     );
+
+    // Fewer scans, of a 49-megapixel frame: the pixels of all scans together are over the limit.
+    let mut large = repeated(12);
+    let frame = large.windows(2).position(|marker| marker == [0xFF, 0xC2]).expect("a progressive frame");
+    large[frame + 5..frame + 9].copy_from_slice(&[7000_u16.to_be_bytes(), 7000_u16.to_be_bytes()].concat());
+    let res = resize(server.addr, "width=64", large).await;
+    let text = String::from_utf8_lossy(res.body());
+    assert_eq!(res.status(), StatusCode::UNPROCESSABLE_ENTITY, "{text}");
+    assert!(text.contains("scans of 7000x7000 pixels"), "{text}");
     server.stop().await;
 }
 
