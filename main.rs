@@ -47,12 +47,16 @@ async fn main() -> ExitCode {
     served.inspect_err(|err| eprintln!("{err}")).map_or(ExitCode::FAILURE, |()| ExitCode::SUCCESS)
 }
 
-/// The build's version and last commit, embedded by build.rs; a parameter so tests choose it.
-#[derive(Clone, Copy)]
+/// The build's version and last commit, embedded by build.rs; a parameter so tests choose it. It
+/// goes into /health under kickstart.go's keys, so one dashboard reads both.
+#[derive(Clone, Copy, serde::Serialize)]
 struct BuildInfo {
     version: &'static str,
+    #[serde(rename = "lastCommitHash")]
     commit_hash: &'static str,
+    #[serde(rename = "lastCommitTime")]
     commit_time: &'static str,
+    #[serde(rename = "dirtyBuild")]
     dirty: bool,
 }
 
@@ -133,19 +137,24 @@ async fn route(req: Request<Incoming>, state: &State) -> Response<Body> {
     }
 }
 
-/// Reports readiness, the build and the uptime, with kickstart.go's keys so one dashboard reads both.
+/// Reports readiness, the build and the uptime: a struct serialized straight into the body, where a
+/// `json!` map would be built and dropped on every probe.
 fn handle_health(state: &State) -> Response<Body> {
     let ready = state.ready.load(Relaxed);
-    let body = serde_json::json!({
-        "status": if ready { "pass" } else { "fail" },
-        "uptime": go_duration(state.started.elapsed()),
-        "version": state.build.version,
-        "lastCommitHash": state.build.commit_hash,
-        "lastCommitTime": state.build.commit_time,
-        "dirtyBuild": state.build.dirty,
-    });
+    #[derive(serde::Serialize)]
+    struct Health<'a> {
+        status: &'static str,
+        uptime: String,
+        #[serde(flatten)]
+        build: &'a BuildInfo,
+    }
+    let health = Health {
+        status: if ready { "pass" } else { "fail" },
+        uptime: go_duration(state.started.elapsed()),
+        build: &state.build,
+    };
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    response(status, "application/json", body.to_string())
+    response(status, "application/json", serde_json::to_vec(&health).expect("strings and a bool serialize"))
 }
 
 /// This server's metrics in the Prometheus text format.
@@ -415,13 +424,30 @@ impl FormatEvent<tracing_subscriber::Registry, JsonFields> for JsonLine {
     ) -> std::fmt::Result {
         let json = tracing_subscriber::fmt::format().json().flatten_event(true).with_target(false);
         let json = json.with_current_span(false).with_span_list(false);
-        let Ok(id) = REQUEST.try_with(|request| serde_json::Value::from(request.id.as_str())) else {
+        // The id is visible ASCII (see `request_id`), so its Debug form is also its JSON string.
+        let Ok(opened) = REQUEST.try_with(|request| write!(writer, "{{\"request_id\":{:?},", request.id))
+        else {
             return json.format_event(ctx, writer, event);
         };
-        let mut line = String::new();
-        json.format_event(ctx, Writer::new(&mut line), event)?;
-        let fields = line.strip_prefix('{').unwrap_or(&line);
-        write!(writer, "{{\"request_id\":{id},{fields}")
+        opened?;
+        let mut fields = AfterBrace { writer, brace_skipped: false };
+        json.format_event(ctx, Writer::new(&mut fields), event)
+    }
+}
+
+/// Passes a JSON object on without its opening brace, where the request's id has opened it.
+struct AfterBrace<'w> {
+    writer: Writer<'w>,
+    brace_skipped: bool,
+}
+
+impl std::fmt::Write for AfterBrace<'_> {
+    fn write_str(&mut self, text: &str) -> std::fmt::Result {
+        if self.brace_skipped {
+            return self.writer.write_str(text);
+        }
+        self.brace_skipped = true;
+        self.writer.write_str(text.strip_prefix('{').unwrap_or(text))
     }
 }
 
