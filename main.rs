@@ -424,30 +424,15 @@ impl FormatEvent<tracing_subscriber::Registry, JsonFields> for JsonLine {
     ) -> std::fmt::Result {
         let json = tracing_subscriber::fmt::format().json().flatten_event(true).with_target(false);
         let json = json.with_current_span(false).with_span_list(false);
-        // The id is visible ASCII (see `request_id`), so its Debug form is also its JSON string.
-        let Ok(opened) = REQUEST.try_with(|request| write!(writer, "{{\"request_id\":{:?},", request.id))
-        else {
-            return json.format_event(ctx, writer, event);
-        };
-        opened?;
-        let mut fields = AfterBrace { writer, brace_skipped: false };
-        json.format_event(ctx, Writer::new(&mut fields), event)
-    }
-}
-
-/// Passes a JSON object on without its opening brace, where the request's id has opened it.
-struct AfterBrace<'w> {
-    writer: Writer<'w>,
-    brace_skipped: bool,
-}
-
-impl std::fmt::Write for AfterBrace<'_> {
-    fn write_str(&mut self, text: &str) -> std::fmt::Result {
-        if self.brace_skipped {
-            return self.writer.write_str(text);
-        }
-        self.brace_skipped = true;
-        self.writer.write_str(text.strip_prefix('{').unwrap_or(text))
+        // One buffer sized for an access line; the id is visible ASCII (see `request_id`), so its
+        // Debug form is also its JSON string.
+        let led_by_id = REQUEST.try_with(|request| {
+            let mut line = String::with_capacity(256);
+            json.format_event(ctx, Writer::new(&mut line), event)?;
+            let fields = line.strip_prefix('{').unwrap_or(&line);
+            write!(writer, "{{\"request_id\":{:?},{fields}", request.id)
+        });
+        led_by_id.unwrap_or_else(|_| json.format_event(ctx, writer, event))
     }
 }
 
