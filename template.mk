@@ -1,5 +1,5 @@
 # kickstart's own targets, as a template: cargo generate leaves this file out of a new project.
-.PHONY: template template-check bench
+.PHONY: template template-check bench bench-cpu
 # Files that name the package where cargo generate cannot reach: it writes X from the twin X.liquid.
 # The README's twin leaves out the sections marked template-only.
 TWINS := Cargo.toml Cargo.lock README.md deploy/kubernetes.yaml
@@ -40,3 +40,19 @@ bench: build
 	done; \
 	if [ -n "$$KICKSTART_GO_BIN" ]; then go=",go=http://127.0.0.1:18080" peers=--with-kickstart; fi; \
 	ROUNDS=3 $(BENCH)/peers.sh --only-extra $$peers -- $(BENCH)/health-bench.sh "$(BIN)=http://127.0.0.1:$(PORT)$$go"
+
+# The CPU time the server spends per GET /health at 64 connections (user + system, from /proc),
+# steadier than req/s on shared cores: the release build next to the binaries in BASELINE,
+# interleaved, ROUNDS rounds of 5 s. Keep a copy of the build before a change to put in BASELINE.
+ROUNDS ?= 5
+bench-cpu: build
+	port=18200; pids=; for bin in $(RELEASE_BIN) $(BASELINE); do \
+	  PORT=$$port $$bin >/dev/null & pids="$$pids $$!"; port=$$((port + 1)); done; \
+	trap "kill $$pids" EXIT; sleep 1; cpu() { awk '{print $$14 + $$15}' /proc/$$1/stat; }; \
+	for round in $$(seq $(ROUNDS)); do port=18200; for pid in $$pids; do \
+	  url=http://127.0.0.1:$$port/health; port=$$((port + 1)); wrk -t2 -c64 -d1s $$url >/dev/null; \
+	  before=$$(cpu $$pid); requests=$$(wrk -t2 -c64 -d5s $$url | awk '/requests in/ {print $$1}'); \
+	  awk -v ticks=$$(($$(cpu $$pid) - before)) -v requests=$$requests -v hz=$$(getconf CLK_TCK) \
+	    -v exe=$$(readlink /proc/$$pid/exe) -v round=$$round \
+	    'BEGIN {printf "round %d %s: %.1f us a request\n", round, exe, ticks * 1e6 / hz / requests}'; \
+	done; done
