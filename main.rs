@@ -140,7 +140,6 @@ async fn route(req: Request<Incoming>, state: &State) -> Response<Body> {
 /// Reports readiness, the build and the uptime: a struct serialized straight into the body, where a
 /// `json!` map would be built and dropped on every probe.
 fn handle_health(state: &State) -> Response<Body> {
-    let ready = state.ready.load(Relaxed);
     #[derive(serde::Serialize)]
     struct Health<'a> {
         status: &'static str,
@@ -148,6 +147,7 @@ fn handle_health(state: &State) -> Response<Body> {
         #[serde(flatten)]
         build: &'a BuildInfo,
     }
+    let ready = state.ready.load(Relaxed);
     let health = Health {
         status: if ready { "pass" } else { "fail" },
         uptime: go_duration(state.started.elapsed()),
