@@ -65,9 +65,10 @@ fn stdout_is_json_lines_that_fluent_bit_parses_from_start_to_shutdown() {
     let statuses: Vec<&Value> = lines.iter().filter_map(|line| line.get("status")).collect();
     assert_eq!(statuses, [200, 404, 415, 503, 200]);
     assert_eq!(lines[7]["cause"], "SIGTERM");
-    assert!(
-        lines.iter().filter(|line| line["message"] == "accessed").all(|line| line["request_id"].is_string())
-    );
+    let accessed: Vec<&Value> = lines.iter().filter(|line| line["message"] == "accessed").collect();
+    assert!(accessed.iter().all(|line| line["span"]["request_id"].is_string()), "{accessed:?}");
+    let routes: Vec<&Value> = accessed.iter().map(|line| &line["route"]).collect();
+    assert_eq!(routes, ["/health", "unmatched", "/resize", "/health", "/openapi.yaml"]);
     drop(watchdog);
 }
 
