@@ -407,7 +407,9 @@ async fn logs_are_json_lines_with_one_access_line_per_request() {
     assert_eq!(access["ip"], "127.0.0.1");
     assert_eq!(access["status"], 200);
     assert_eq!(access["bytes"], body_bytes);
-    assert!(access["latency_us"].is_u64(), "latency_us in {access}");
+    let latency_us = access["latency_us"].as_u64().expect("latency_us, a whole number");
+    let latency_s = access["latency_s"].as_f64().expect("latency_s, a number");
+    assert!(latency_us.abs_diff((latency_s * 1e6).round() as u64) <= 1, "{access}");
     assert_eq!(access["span"]["request_id"], res.headers()[X_REQUEST_ID].to_str().expect("an id"));
     assert_eq!((&lines[2]["cause"], &lines[2]["delay_s"]), (&json!("SIGTERM"), &json!(0)));
     assert_eq!(lines[3]["cause"], "SIGTERM");

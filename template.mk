@@ -2,8 +2,10 @@
 .PHONY: template template-check bench bench-cpu
 # Files that name the package where cargo generate cannot reach: it writes X from the twin X.liquid.
 # The README's twin leaves out the sections marked template-only.
-TWINS := Cargo.toml Cargo.lock README.md deploy/kubernetes.yaml
-TWIN := perl -0pe 's/<!-- template-only -->.*?<!-- \/template-only -->\n//gs; s/$(BIN)(?!\.go)/{{project-name}}/g'
+# Metric names take the crate's name, `my_service` for `my-service`: Prometheus allows no `-`.
+TWINS := Cargo.toml Cargo.lock README.md deploy/kubernetes.yaml fluent-bit.yaml
+TWIN := perl -0pe 's/<!-- template-only -->.*?<!-- \/template-only -->\n//gs; \
+  s/(?<=metric_namespace: )$(BIN)\b|$(BIN)(?=_http_)/{{crate_name}}/g; s/$(BIN)(?!\.go)/{{project-name}}/g'
 
 template:
 	for file in $(TWINS); do $(TWIN) $$file > $$file.liquid; done
