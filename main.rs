@@ -12,8 +12,8 @@ use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode, Uri, server::conn::http1, service::service_fn};
 use hyper_util::{rt::TokioIo, rt::TokioTimer, server::graceful::GracefulShutdown};
 use tokio::{net::TcpListener, task::JoinSet};
-use tracing::{Dispatch, Instrument, Span, error, info, info_span, instrument::WithSubscriber, warn};
-use tracing_subscriber::fmt::MakeWriter;
+use tracing::{Dispatch, Event, error, info, instrument::WithSubscriber, warn};
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, MakeWriter, format::JsonFields, format::Writer};
 
 type Body = Full<Bytes>;
 
@@ -143,36 +143,43 @@ fn openapi_document(version: &str) -> Bytes {
         .into()
 }
 
-/// Middleware: the request id on a span, which every line of the request carries, and in `x-request-id`;
-/// `recover`; then the canonical log line, from which Fluent Bit derives the metrics.
+/// Middleware: gives the request its id (see `request_id`), which every log line of the request
+/// carries and `x-request-id` echoes; `access_log` and `recover` run inside it.
 async fn observe<F: Future<Output = Response<Body>>>(
     req: Request<Incoming>, peer: IpAddr, handler: impl FnOnce(Request<Incoming>) -> F,
 ) -> Result<Response<Body>, Infallible> {
     let id = request_id(req.headers());
-    let mut line = AccessLine {
-        span: info_span!("request", request_id = id),
-        start: Instant::now(),
-        method: req.method().clone(),
-        uri: req.uri().clone(),
-        peer,
-        status: 499,
-        bytes: 0,
-        unmatched: false,
-    };
-    let mut res = recover(handler(req)).instrument(line.span.clone()).await;
-    line.status = res.status().as_u16();
-    line.bytes = if line.method == Method::HEAD { 0 } else { res.body().size_hint().lower() };
-    line.unmatched = res.extensions().get::<Unmatched>().is_some();
-    if let Ok(id) = HeaderValue::from_str(&id) {
+    let header = HeaderValue::from_str(&id);
+    let mut res = REQUEST_ID.scope(id, access_log(req, peer, |req| recover(handler(req)))).await;
+    if let Ok(id) = header {
         res.headers_mut().insert("x-request-id", id);
     }
     Ok(res)
 }
 
-/// A request's canonical log line, written when it is dropped: hyper drops a request whose client
-/// hangs up before the answer, and that one is logged too, with nginx's status for it, 499.
+tokio::task_local! {
+    /// The id of the request a task is handling, which `JsonLine` leads each of its lines with.
+    static REQUEST_ID: String;
+}
+
+/// Middleware: the request's canonical log line, from which Fluent Bit derives the metrics.
+async fn access_log<F: Future<Output = Response<Body>>>(
+    req: Request<Incoming>, peer: IpAddr, next: impl FnOnce(Request<Incoming>) -> F,
+) -> Response<Body> {
+    let method = req.method().clone();
+    let uri = req.uri().clone();
+    let mut line =
+        AccessLine { start: Instant::now(), method, uri, peer, status: 499, bytes: 0, unmatched: false };
+    let res = next(req).await;
+    line.status = res.status().as_u16();
+    line.bytes = if line.method == Method::HEAD { 0 } else { res.body().size_hint().lower() };
+    line.unmatched = res.extensions().get::<Unmatched>().is_some();
+    res
+}
+
+/// A request being answered, logged when dropped: hyper drops a request whose client hangs up
+/// before the answer, and that one is logged too, with nginx's status for it, 499.
 struct AccessLine {
-    span: Span,
     start: Instant,
     method: Method,
     uri: Uri,
@@ -185,7 +192,6 @@ struct AccessLine {
 impl Drop for AccessLine {
     fn drop(&mut self) {
         let latency = self.start.elapsed();
-        let _request = self.span.enter();
         info!(
             method = self.method.as_str(),
             route = if self.unmatched { "unmatched" } else { self.uri.path() },
@@ -284,14 +290,39 @@ async fn serve<F: Future<Output = Result<Response<Body>, Infallible>> + Send + '
     }
 }
 
-/// JSON lines for a log collector: RFC 3339 `timestamp`, the event's fields, and `span.request_id`.
+/// JSON lines for a log collector: one object per line, an RFC 3339 UTC `timestamp`, the event's
+/// fields at the top level and, on every line logged for a request, its `request_id`.
 fn json_logs(writer: impl for<'w> MakeWriter<'w> + Send + Sync + 'static) -> Dispatch {
-    let logs = tracing_subscriber::fmt().json().flatten_event(true).with_target(false);
-    let logs = logs.with_current_span(true).with_span_list(false).with_writer(writer);
-    Dispatch::new(logs.finish())
+    let logs = tracing_subscriber::fmt().fmt_fields(JsonFields::new()).event_format(JsonLine);
+    Dispatch::new(logs.with_writer(writer).finish())
 }
 
-/// Logs panics as JSON lines with their message and location; outside `run`, the default hook prints them.
+/// tracing-subscriber's JSON line, led by the request's id where there is a request: one key on
+/// every line of it, whoever logs the line, where a span per request would be created, and its
+/// fields parsed back from JSON, for every line.
+struct JsonLine;
+
+impl FormatEvent<tracing_subscriber::Registry, JsonFields> for JsonLine {
+    fn format_event(
+        &self, ctx: &FmtContext<'_, tracing_subscriber::Registry, JsonFields>, mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> std::fmt::Result {
+        let json = tracing_subscriber::fmt::format().json().flatten_event(true).with_target(false);
+        let json = json.with_current_span(false).with_span_list(false);
+        // One buffer sized for an access line; the id is visible ASCII (see `request_id`), so its
+        // Debug form is also its JSON string.
+        let led_by_id = REQUEST_ID.try_with(|id| {
+            let mut line = String::with_capacity(256);
+            json.format_event(ctx, Writer::new(&mut line), event)?;
+            let fields = line.strip_prefix('{').unwrap_or(&line);
+            write!(writer, "{{\"request_id\":{id:?},{fields}")
+        });
+        led_by_id.unwrap_or_else(|_| json.format_event(ctx, writer, event))
+    }
+}
+
+/// Logs panics as JSON lines with their message, location and request id; outside `run`, the default
+/// hook prints them.
 fn log_panics() {
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
@@ -444,13 +475,17 @@ impl ResizeEndpoint {
     }
 }
 
-/// Runs CPU-bound work on tokio's blocking pool with the request's logger and span, so that its lines
-/// carry the request's id; a panic there goes on to `recover` (500).
+/// Runs CPU-bound work on tokio's blocking pool with the request's logger and id, so that its lines
+/// carry the id; a panic there goes on to `recover` (500).
 async fn in_blocking_thread<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
     let logs = tracing::dispatcher::get_default(Dispatch::clone);
-    let span = Span::current();
-    let job =
-        tokio::task::spawn_blocking(move || tracing::dispatcher::with_default(&logs, || span.in_scope(work)));
+    let id = REQUEST_ID.try_with(String::clone).ok();
+    let job = tokio::task::spawn_blocking(move || {
+        tracing::dispatcher::with_default(&logs, || match id {
+            Some(id) => REQUEST_ID.sync_scope(id, work),
+            None => work(),
+        })
+    });
     job.await.unwrap_or_else(|err| resume_unwind(err.into_panic()))
 }
 

@@ -182,13 +182,15 @@ async fn every_request_gets_an_id_from_traceparent_or_x_request_id_or_a_new_one(
     assert_eq!(new_ids.len(), cases.iter().filter(|case| case.1.is_none()).count(), "new ids repeat");
 
     let lines = server.stop().await;
-    let logged: Vec<&Value> = lines
-        .iter()
-        .filter(|line| line["message"] == "accessed")
-        .map(|line| &line["span"]["request_id"])
-        .collect();
+    let logged: Vec<&Value> =
+        lines.iter().filter(|line| line["message"] == "accessed").map(|line| &line["request_id"]).collect();
     assert_eq!(logged, ids.iter().map(|id| json!(id)).collect::<Vec<_>>().iter().collect::<Vec<_>>());
-    assert!(lines.iter().filter(|line| line["message"] != "accessed").all(|line| line.get("span").is_none()));
+    assert!(
+        lines
+            .iter()
+            .filter(|line| line["message"] != "accessed")
+            .all(|line| line.get("request_id").is_none())
+    );
 }
 
 /// A handler's own lines, a blocking job's lines, its panic and the access line all carry the
@@ -211,7 +213,7 @@ async fn the_lines_of_a_panicking_image_job_carry_the_request_id() {
     assert_eq!(res.body(), r#"{"error":"internal server error"}"#);
     for message in ["in the handler", "in the blocking job", "panic", "accessed"] {
         let line = server.logs.wait_for(message).await;
-        assert_eq!(line["span"]["request_id"], "job-7", "{line}");
+        assert_eq!(line["request_id"], "job-7", "{line}");
         if message == "panic" {
             assert_eq!(line["panic"], "the job failed");
         }
@@ -235,7 +237,7 @@ async fn a_request_whose_client_hangs_up_is_logged_as_499() {
         (&line["status"], &line["path"], &line["query"]),
         (&json!(499), &json!("/slow"), &json!("page=2"))
     );
-    assert_eq!((&line["span"]["request_id"], &line["bytes"]), (&json!("gone-1"), &json!(0)));
+    assert_eq!((&line["request_id"], &line["bytes"]), (&json!("gone-1"), &json!(0)));
     assert_eq!(line["route"], "/slow", "a route that matched, though it was never answered");
     assert!(line["latency_us"].is_u64(), "{line}");
     server.stop().await;
@@ -285,7 +287,7 @@ async fn each_request_gets_one_access_line_whose_route_is_bounded() {
     assert_eq!(paths, scan, "the path itself is still on the line");
     for line in accessed {
         assert!(line["latency_us"].is_u64() && line["bytes"].is_u64(), "{line}");
-        assert!(line["span"]["request_id"].is_string(), "{line}");
+        assert!(line["request_id"].is_string(), "{line}");
     }
 }
 
@@ -410,7 +412,7 @@ async fn logs_are_json_lines_with_one_access_line_per_request() {
     let latency_us = access["latency_us"].as_u64().expect("latency_us, a whole number");
     let latency_s = access["latency_s"].as_f64().expect("latency_s, a number");
     assert!(latency_us.abs_diff((latency_s * 1e6).round() as u64) <= 1, "{access}");
-    assert_eq!(access["span"]["request_id"], res.headers()[X_REQUEST_ID].to_str().expect("an id"));
+    assert_eq!(access["request_id"], res.headers()[X_REQUEST_ID].to_str().expect("an id"));
     assert_eq!((&lines[2]["cause"], &lines[2]["delay_s"]), (&json!("SIGTERM"), &json!(0)));
     assert_eq!(lines[3]["cause"], "SIGTERM");
 }
@@ -438,7 +440,7 @@ async fn a_panicking_handler_gets_a_500_and_the_connection_keeps_serving() {
     assert_eq!(panic["panic"], "secret detail");
     let location = panic["location"].as_str().expect("location");
     assert!(location.starts_with("main_test.rs:"), "location {location}");
-    assert_eq!(panic["span"]["request_id"], id);
+    assert_eq!(panic["request_id"], id);
     assert_eq!(server.logs.wait_for("accessed").await["status"], 500);
     server.stop().await;
 }

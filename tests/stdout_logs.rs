@@ -66,7 +66,7 @@ fn stdout_is_json_lines_that_fluent_bit_parses_from_start_to_shutdown() {
     assert_eq!(statuses, [200, 404, 415, 503, 200]);
     assert_eq!(lines[7]["cause"], "SIGTERM");
     let accessed: Vec<&Value> = lines.iter().filter(|line| line["message"] == "accessed").collect();
-    assert!(accessed.iter().all(|line| line["span"]["request_id"].is_string()), "{accessed:?}");
+    assert!(accessed.iter().all(|line| line["request_id"].is_string()), "{accessed:?}");
     let routes: Vec<&Value> = accessed.iter().map(|line| &line["route"]).collect();
     assert_eq!(routes, ["/health", "unmatched", "/resize", "/health", "/openapi.yaml"]);
     drop(watchdog);
