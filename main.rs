@@ -8,7 +8,7 @@ use std::{net::IpAddr, ops::RangeInclusive, process::ExitCode, str::FromStr};
 
 use http_body_util::Full;
 use hyper::body::{Body as _, Bytes, Incoming};
-use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode, Uri, server::conn::http1, service::service_fn};
 use hyper_util::{rt::TokioIo, rt::TokioTimer, server::graceful::GracefulShutdown};
 use tokio::{net::TcpListener, task::JoinSet};
@@ -21,6 +21,8 @@ type Body = Full<Bytes>;
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long requests in flight at shutdown may take to finish before their connections are closed.
 const GRACE_PERIOD: Duration = Duration::from_secs(10);
+/// A constant, so the name is not parsed again for every request.
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -152,7 +154,7 @@ async fn observe<F: Future<Output = Response<Body>>>(
     let header = HeaderValue::from_str(&id);
     let mut res = REQUEST_ID.scope(id, access_log(req, peer, |req| recover(handler(req)))).await;
     if let Ok(id) = header {
-        res.headers_mut().insert("x-request-id", id);
+        res.headers_mut().insert(X_REQUEST_ID, id);
     }
     Ok(res)
 }
@@ -216,7 +218,7 @@ fn request_id(headers: &HeaderMap) -> String {
         _ => None, // none, or two, which the spec makes invalid
     };
     let visible = |id: &&str| (1..=128).contains(&id.len()) && id.bytes().all(|byte| byte.is_ascii_graphic());
-    let request_id = headers.get("x-request-id").and_then(|id| id.to_str().ok()).filter(visible);
+    let request_id = headers.get(X_REQUEST_ID).and_then(|id| id.to_str().ok()).filter(visible);
     traceparent.or(request_id).map_or_else(|| format!("{:032x}", fastrand::u128(..)), str::to_owned)
 }
 
@@ -312,7 +314,7 @@ impl FormatEvent<tracing_subscriber::Registry, JsonFields> for JsonLine {
         // One buffer sized for an access line; the id is visible ASCII (see `request_id`), so its
         // Debug form is also its JSON string.
         let led_by_id = REQUEST_ID.try_with(|id| {
-            let mut line = String::with_capacity(256);
+            let mut line = String::with_capacity(384);
             json.format_event(ctx, Writer::new(&mut line), event)?;
             let fields = line.strip_prefix('{').unwrap_or(&line);
             write!(writer, "{{\"request_id\":{id:?},{fields}")

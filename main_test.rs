@@ -25,7 +25,6 @@ const BUILD: BuildInfo = BuildInfo {
     last_commit_time: "2026-11-26T21:55:00Z",
     dirty_build: true,
 };
-const X_REQUEST_ID: &str = "x-request-id";
 
 #[tokio::test]
 async fn health_reports_the_build_and_the_uptime() {
