@@ -1,5 +1,5 @@
 # kickstart's own targets, as a template: cargo generate leaves this file out of a new project.
-.PHONY: template template-check bench bench-cpu
+.PHONY: template template-check bench bench-cpu bench-instructions
 # Files that name the package where cargo generate cannot reach: it writes X from the twin X.liquid.
 # The README's twin leaves out the sections marked template-only.
 # Metric names take the crate's name, `my_service` for `my-service`: Prometheus allows no `-`.
@@ -58,3 +58,19 @@ bench-cpu: build
 	    -v exe=$$(readlink /proc/$$pid/exe) -v round=$$round \
 	    'BEGIN {printf "round %d %s: %.1f us a request\n", round, exe, ticks * 1e6 / hz / requests}'; \
 	done; done
+
+# The instructions the server spends per keep-alive GET /health, counted by valgrind's callgrind
+# over REQUESTS requests less an idle run, for the release build and each binary in BASELINE:
+# exact and repeatable, where CPU time on shared cores moves by a fifth between rounds.
+REQUESTS ?= 2000
+bench-instructions: build
+	@port=18250; for bin in $(RELEASE_BIN) $(BASELINE); do port=$$((port + 1)); \
+	  urls=$$(mktemp); for _ in $$(seq $(REQUESTS)); do \
+	    printf 'url = "http://127.0.0.1:%s/health"\noutput = "/dev/null"\n' $$port; done >$$urls; \
+	  for requests in 0 $(REQUESTS); do out=$$(mktemp); \
+	    PORT=$$port valgrind --tool=callgrind --callgrind-out-file=$$out $$bin >/dev/null 2>&1 & pid=$$!; \
+	    until curl -sf -o /dev/null localhost:$$port/health; do sleep 0.2; done; \
+	    if [ $$requests -gt 0 ]; then curl -s -K $$urls; fi; kill -INT $$pid; wait $$pid; \
+	    eval "ir_$$requests=$$(awk '/^summary:/ {print $$2}' $$out)"; rm -f $$out; done; rm -f $$urls; \
+	  echo "$$(readlink -f $$bin): $$(( (ir_$(REQUESTS) - ir_0) / $(REQUESTS) )) instructions a GET /health"; \
+	done
