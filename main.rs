@@ -559,6 +559,11 @@ impl ResizeJob {
     /// Decodes, resizes and encodes in the input's format (GIF gives PNG): CPU work, for a blocking thread.
     fn process(&self, input: &[u8]) -> Result<(Vec<u8>, ImageFormat), Refusal> {
         let (image, orientation, format) = self.decode(input)?;
+        // 8-bit RGB or RGBA from here on: fast_image_resize's code for other pixel types stays out.
+        let image = match image.color().has_alpha() {
+            true => DynamicImage::from(image.into_rgba8()),
+            false => DynamicImage::from(image.into_rgb8()),
+        };
         let (width, height) = self.fit_inside((image.width(), image.height()), orientation);
         let mut resized = DynamicImage::new(width, height, image.color());
         // Lanczos3, with alpha premultiplied so that transparent edges keep their colour.
@@ -665,10 +670,9 @@ impl ResizeJob {
 
 /// JPEG at quality 80, with 4:2:0 chroma (the encoder's default below 90) as libvips writes it.
 fn encode_jpeg(image: &DynamicImage, out: &mut Vec<u8>) -> image::ImageResult<()> {
-    let color = if image.color() == image::ColorType::L8 { ColorType::Luma } else { ColorType::Rgb };
     let side = |len: u32| u16::try_from(len).expect("a JPEG comes from a JPEG, whose sides are u16");
     let encoder = rusty_jpeg::encode::Encoder::new(out, 80);
-    let encoded = encoder.encode(image.as_bytes(), side(image.width()), side(image.height()), color);
+    let encoded = encoder.encode(image.as_bytes(), side(image.width()), side(image.height()), ColorType::Rgb);
     encoded.map_err(|err| ImageError::IoError(io::Error::other(err)))
 }
 
