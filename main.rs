@@ -567,7 +567,7 @@ impl ResizeJob {
         let (width, height) = self.fit_inside((image.width(), image.height()), orientation);
         let mut resized = DynamicImage::new(width, height, image.color());
         // Lanczos3, with alpha premultiplied so that transparent edges keep their colour.
-        fast_image_resize::Resizer::new().resize(&image, &mut resized, None).expect("a decoder's pixel type");
+        fast_image_resize::Resizer::new().resize(&image, &mut resized, None).expect("RGB8 or RGBA8 resizes");
         resized.apply_orientation(orientation);
         let mut out = Vec::new();
         let encoded = match format {
