@@ -11,6 +11,7 @@ use serde_json::{Value, json};
 use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
+use std::panic::catch_unwind;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, mpsc, oneshot};
@@ -28,18 +29,14 @@ const BUILD: BuildInfo = BuildInfo {
 
 #[tokio::test]
 async fn health_reports_the_build_and_the_uptime() {
-    let server = TestServer::start(&[]).await;
+    let server = TestServer::start().await;
     let res = request(server.addr, Method::GET, "/health").await;
 
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(res.headers()[header::CONTENT_TYPE], "application/json");
     let health: Value = serde_json::from_str(res.body()).expect("JSON body");
     let uptime = health["uptime"].as_str().expect("uptime is a string");
-    let (hours, rest) = uptime.split_once('h').unwrap_or_default();
-    let (minutes, seconds) = rest.split_once('m').unwrap_or_default();
-    let numbers =
-        (hours.parse::<u64>(), minutes.parse::<u64>(), seconds.trim_end_matches('s').parse::<f64>());
-    assert!(matches!(numbers, (Ok(_), Ok(_), Ok(_))), "uptime {uptime:?} is not like Go's 0h0m1.234s");
+    assert!(is_go_duration(uptime), "uptime {uptime:?} is not a duration Go's time.ParseDuration reads");
     let expected = json!({
         "status": "pass",
         "version": "v1.2.3-test",
@@ -52,21 +49,17 @@ async fn health_reports_the_build_and_the_uptime() {
     server.stop().await;
 }
 
+/// Served as it is in the repository, byte for byte: its `info.version` is the API's, edited by hand.
 #[tokio::test]
-async fn openapi_yaml_is_served_with_the_package_name_and_the_build_version() {
-    let server = TestServer::start(&[]).await;
+async fn openapi_yaml_is_served_as_embedded() {
+    let server = TestServer::start().await;
     let res = request(server.addr, Method::GET, "/openapi.yaml").await;
 
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(res.headers()[header::CONTENT_TYPE], "application/yaml");
-    assert_eq!(res.headers()[header::ACCESS_CONTROL_ALLOW_ORIGIN], "*");
-    let served_title = format!("\n  title: \"{}\"\n", env!("CARGO_PKG_NAME"));
-    let served_version = "\n  version: \"v1.2.3-test\"\n";
-    assert!(res.body().contains(&served_title), "info.title not set");
-    assert!(res.body().contains(served_version), "info.version not set");
-    let as_written = res.body().replacen(&served_title, "\n  title: package name\n", 1);
-    let as_written = as_written.replacen(served_version, "\n  version: local\n", 1);
-    assert_eq!(as_written, include_str!("openapi.yaml"));
+    assert_eq!(res.body(), include_str!("openapi.yaml"));
+    let title = format!("\n  title: {}\n", env!("CARGO_PKG_NAME"));
+    assert!(res.body().contains(&title), "info.title is not the package name");
     server.stop().await;
 }
 
@@ -78,7 +71,7 @@ async fn openapi_documents_exactly_the_routes_that_exist() {
     let documented_paths: BTreeSet<&str> = documented.keys().map(String::as_str).collect();
     assert_eq!(documented_paths, routed_paths(), "paths in openapi.yaml vs route()");
 
-    let server = TestServer::start(&[]).await;
+    let server = TestServer::start().await;
     for (path, documented) in &documented {
         // A GET route answers HEAD as well, as openapi.yaml's description says.
         let head = documented.iter().any(|m| m == "GET").then(|| "HEAD".to_owned());
@@ -103,7 +96,7 @@ async fn openapi_documents_exactly_the_routes_that_exist() {
 
 #[tokio::test]
 async fn unknown_paths_get_a_json_404() {
-    let server = TestServer::start(&[]).await;
+    let server = TestServer::start().await;
     let res = request(server.addr, Method::GET, "/nope").await;
 
     assert_eq!(res.status(), StatusCode::NOT_FOUND);
@@ -114,64 +107,30 @@ async fn unknown_paths_get_a_json_404() {
 }
 
 #[tokio::test]
-async fn every_request_gets_an_id_from_traceparent_or_x_request_id_or_a_new_one() {
-    let server = TestServer::start(&[]).await;
-    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
-    let valid = format!("00-{trace}-00f067aa0ba902b7-01");
-    let later_version = format!("cc-{trace}-00f067aa0ba902b7-09-what-comes-later");
-    let invalid_traceparents = [
-        valid.to_uppercase(),
-        format!("ff-{trace}-00f067aa0ba902b7-01"),
-        format!("{valid}-more"),
-        format!("00-{}-00f067aa0ba902b7-01", "0".repeat(32)),
-        format!("00-{trace}-0000000000000000-01"),
-        format!("00-{trace}-00f067aa0ba902b7-1"),
-        format!("00-{trace}00f067aa0ba902b7-01"),
-        format!("0-{trace}-00f067aa0ba902b7-01"),
+async fn every_request_gets_an_id_from_x_request_id_or_a_new_one() {
+    let server = TestServer::start().await;
+    let longest = "x".repeat(128);
+    let too_long = "x".repeat(129);
+    let cases: [(Option<&[u8]>, Option<&str>); 8] = [
+        (Some(b"req-42/\"quoted\"\\"), Some("req-42/\"quoted\"\\")),
+        (Some(longest.as_bytes()), Some(&longest)),
+        (Some(too_long.as_bytes()), None),
+        (Some(b"has space"), None),
+        (Some(b"tab\there"), None),
+        (Some(b"caf\xe9"), None),
+        (Some(b""), None),
+        (None, None),
     ];
-    type Headers = Vec<(&'static str, Vec<u8>)>;
-    let mut cases: Vec<(Headers, Option<String>)> = vec![
-        (vec![("traceparent", valid.clone().into())], Some(trace.into())),
-        (vec![("traceparent", later_version.into())], Some(trace.into())),
-        (
-            vec![("traceparent", valid.clone().into()), ("x-request-id", b"ignored".into())],
-            Some(trace.into()),
-        ),
-        (vec![("x-request-id", b"req-42/\"quoted\"\\".into())], Some("req-42/\"quoted\"\\".into())),
-        (vec![("x-request-id", vec![b'x'; 128])], Some("x".repeat(128))),
-        // Two traceparent headers are invalid, even when each is valid.
-        (
-            vec![
-                ("traceparent", valid.clone().into()),
-                ("traceparent", valid.into()),
-                ("x-request-id", b"two".into()),
-            ],
-            Some("two".into()),
-        ),
-        (vec![("x-request-id", vec![b'x'; 129])], None),
-        (vec![("x-request-id", b"has space".into())], None),
-        (vec![("x-request-id", b"tab\there".into())], None),
-        (vec![("x-request-id", b"caf\xe9".into())], None),
-        (vec![("x-request-id", Vec::new())], None),
-        (vec![], None),
-    ];
-    for invalid in invalid_traceparents {
-        cases.push((
-            vec![("traceparent", invalid.into_bytes()), ("x-request-id", b"fallback".into())],
-            Some("fallback".into()),
-        ));
-    }
     let mut ids = Vec::new();
-    for (headers, expected) in &cases {
-        let headers: Vec<(&'static str, &[u8])> =
-            headers.iter().map(|(name, value)| (*name, &value[..])).collect();
+    for (sent, expected) in cases {
+        let headers: Vec<(&'static str, &[u8])> = sent.map(|id| ("x-request-id", id)).into_iter().collect();
         let res = get_with(server.addr, "/health", &headers).await;
         let id = res.headers()[X_REQUEST_ID].to_str().expect("visible ASCII").to_owned();
         match expected {
-            Some(expected) => assert_eq!(&id, expected, "{headers:?}"),
+            Some(expected) => assert_eq!(id, expected, "{sent:?}"),
             None => {
                 let new = id.len() == 32 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
-                assert!(new, "{headers:?} gave {id:?}, not 32 lowercase hex digits");
+                assert!(new, "{sent:?} gave {id:?}, not 32 lowercase hex digits");
             }
         }
         ids.push(id);
@@ -184,61 +143,22 @@ async fn every_request_gets_an_id_from_traceparent_or_x_request_id_or_a_new_one(
     let logged: Vec<&Value> =
         lines.iter().filter(|line| line["message"] == "accessed").map(|line| &line["request_id"]).collect();
     assert_eq!(logged, ids.iter().map(|id| json!(id)).collect::<Vec<_>>().iter().collect::<Vec<_>>());
-    assert!(
-        lines
-            .iter()
-            .filter(|line| line["message"] != "accessed")
-            .all(|line| line.get("request_id").is_none())
-    );
 }
 
-/// A handler's own lines, a blocking job's lines, its panic and the access line all carry the
-/// request's id.
+/// A panic on the blocking pool, where images are resized, is logged as JSON and answered with a 500.
 #[tokio::test]
-async fn the_lines_of_a_panicking_image_job_carry_the_request_id() {
-    let handler = |_| async {
-        warn!("in the handler");
-        in_blocking_thread(|| -> Response<Body> {
-            warn!("in the blocking job");
-            panic!("the job failed");
-        })
-        .await
-    };
+async fn a_panicking_image_job_is_a_json_line_and_a_500() {
+    let handler = |_| in_blocking_thread(|| -> Response<Body> { panic!("the job failed") });
     let mut server = ServeTest::start(handler).await;
-    let res = get_with(server.addr, "/job", &[("x-request-id", b"job-7")]).await;
+    let res = request(server.addr, Method::GET, "/job").await;
 
     assert_eq!(res.status(), StatusCode::INTERNAL_SERVER_ERROR);
-    assert_eq!(res.headers()[X_REQUEST_ID], "job-7");
     assert_eq!(res.body(), r#"{"error":"internal server error"}"#);
-    for message in ["in the handler", "in the blocking job", "panic", "accessed"] {
-        let line = server.logs.wait_for(message).await;
-        assert_eq!(line["request_id"], "job-7", "{line}");
-        if message == "panic" {
-            assert_eq!(line["panic"], "the job failed");
-        }
-    }
-    server.stop().await;
-}
-
-/// hyper drops the answer of a client that hangs up first: it is still logged, as 499.
-#[tokio::test]
-async fn a_request_whose_client_hangs_up_is_logged_as_499() {
-    let (handler, mut started) = never_answers();
-    let mut server = ServeTest::start(handler).await;
-    let mut stream = within("connect", TcpStream::connect(server.addr)).await.expect("connect");
-    let head = "GET /slow?page=2 HTTP/1.1\r\nHost: test\r\nx-request-id: gone-1\r\n\r\n";
-    within("a write", stream.write_all(head.as_bytes())).await.expect("head");
-    within("the handler to start", started.recv()).await.expect("handler started");
-    drop(stream);
-
-    let line = server.logs.wait_for("accessed").await;
-    assert_eq!(
-        (&line["status"], &line["path"], &line["query"]),
-        (&json!(499), &json!("/slow"), &json!("page=2"))
-    );
-    assert_eq!((&line["request_id"], &line["bytes"]), (&json!("gone-1"), &json!(0)));
-    assert_eq!(line["route"], "/slow", "a route that matched, though it was never answered");
-    assert!(line["latency_us"].is_u64(), "{line}");
+    let panic = server.logs.wait_for("panic").await;
+    assert_eq!((&panic["level"], &panic["panic"]), (&json!("ERROR"), &json!("the job failed")));
+    let location = panic["location"].as_str().expect("location");
+    assert!(location.starts_with("main_test.rs:"), "location {location}");
+    assert_eq!(server.logs.wait_for("accessed").await["status"], 500);
     server.stop().await;
 }
 
@@ -247,7 +167,7 @@ async fn a_request_whose_client_hangs_up_is_logged_as_499() {
 /// random paths adds no value a metric would be labelled with.
 #[tokio::test]
 async fn each_request_gets_one_access_line_whose_route_is_bounded() {
-    let server = TestServer::start(&[]).await;
+    let server = TestServer::start().await;
     let mut sent =
         vec![("GET", "/health"), ("HEAD", "/health"), ("PUT", "/health"), ("BREW", "/openapi.yaml")];
     for (method, path) in &sent {
@@ -292,7 +212,7 @@ async fn each_request_gets_one_access_line_whose_route_is_bounded() {
 
 #[tokio::test]
 async fn head_answers_wherever_get_does_with_the_headers_and_no_body() {
-    let server = TestServer::start(&[]).await;
+    let server = TestServer::start().await;
     for path in ["/health", "/openapi.yaml"] {
         let get = request(server.addr, Method::GET, path).await;
         let head = request(server.addr, Method::HEAD, path).await;
@@ -308,79 +228,35 @@ async fn head_answers_wherever_get_does_with_the_headers_and_no_body() {
 }
 
 #[tokio::test]
-async fn an_invalid_setting_is_an_error_naming_it() {
-    let cases = [
-        ("PORT", "65536", "invalid PORT \"65536\": port must be between 0 and 65535"),
-        (
-            "SHUTDOWN_DELAY",
-            "3601",
-            "invalid SHUTDOWN_DELAY \"3601\": shutdown_delay must be between 0 and 3600",
-        ),
-        ("SHUTDOWN_DELAY", "5s", "invalid SHUTDOWN_DELAY \"5s\": shutdown_delay must be between 0 and 3600"),
-        (
-            "RESIZE_MAX_BYTES",
-            "0",
-            "invalid RESIZE_MAX_BYTES \"0\": resize_max_bytes must be between 1 and 1073741824",
-        ),
-        (
-            "RESIZE_MAX_BYTES",
-            "20MiB",
-            "invalid RESIZE_MAX_BYTES \"20MiB\": resize_max_bytes must be between 1 and 1073741824",
-        ),
-        (
-            "RESIZE_MAX_PIXELS",
-            "4294967297",
-            "invalid RESIZE_MAX_PIXELS \"4294967297\": resize_max_pixels must be between 1 and 4294967296",
-        ),
-        (
-            "RESIZE_MAX_PIXELS",
-            "-1",
-            "invalid RESIZE_MAX_PIXELS \"-1\": resize_max_pixels must be between 1 and 4294967296",
-        ),
-    ];
-    for (name, value, expected) in cases {
-        let (log_writer, _logs) = Logs::capture();
-        let getenv = |key: &str| (key == name).then(|| value.to_owned());
-        let result = within("run to fail", run(getenv, log_writer, std::future::pending, BUILD)).await;
-        assert_eq!(result.expect_err(name), expected);
-    }
-}
-
-#[tokio::test]
 async fn an_invalid_port_is_an_error_naming_it() {
     for bad in ["abc", "-1", "65536", "8080 "] {
         let (log_writer, _logs) = Logs::capture();
         let getenv = |key: &str| (key == "PORT").then(|| bad.to_owned());
-        let result = within("run to fail", run(getenv, log_writer, std::future::pending, BUILD)).await;
-        let expected = format!("invalid PORT {bad:?}: port must be between 0 and 65535");
+        let result = within("run to fail", run(getenv, log_writer, std::future::pending(), BUILD)).await;
+        let expected = format!("invalid PORT {bad:?}: must be between 0 and 65535");
         assert_eq!(result.expect_err(bad), expected);
     }
 }
 
-/// A port taken is an error that names it, and nothing is served.
+/// A port taken is an error that names it, and nothing is served. With PORT unset or empty, that
+/// port is 8080, which the test holds (or something else does: either way it is taken).
 #[tokio::test]
-async fn a_port_in_use_is_an_error_naming_it() {
+async fn a_port_in_use_is_an_error_naming_it_and_unset_or_empty_means_8080() {
     let taken = std::net::TcpListener::bind("0.0.0.0:0").expect("bind");
     let port = taken.local_addr().expect("bound address").port().to_string();
-    let (log_writer, _logs) = Logs::capture();
-    let getenv = |key: &str| (key == "PORT").then(|| port.clone());
-    let result = within("run to fail", run(getenv, log_writer, std::future::pending, BUILD)).await;
-    let message = result.expect_err("the port is taken");
-    assert!(message.starts_with(&format!("listen on port {port}: ")), "{message}");
-}
-
-/// Settings default where unset, and set but empty counts as unset (`PORT= make run`).
-#[test]
-fn a_setting_defaults_where_unset_or_empty() {
-    for (set, expected) in [(None, 8080), (Some(""), 8080), (Some("9090"), 9090)] {
+    let _default_taken = std::net::TcpListener::bind("0.0.0.0:8080");
+    for (set, expected) in [(Some(port.as_str()), port.as_str()), (Some(""), "8080"), (None, "8080")] {
+        let (log_writer, _logs) = Logs::capture();
         let getenv = |key: &str| set.filter(|_| key == "PORT").map(str::to_owned);
-        assert_eq!(env_in_range(getenv, "PORT", 8080_u16, 0..=65535), Ok(expected), "PORT={set:?}");
+        let result = within("run to fail", run(getenv, log_writer, std::future::pending(), BUILD)).await;
+        let message = result.expect_err("the port is taken");
+        assert!(message.starts_with(&format!("listen on port {expected}: ")), "PORT={set:?}: {message}");
     }
 }
 
 #[tokio::test]
 async fn logs_are_json_lines_with_one_access_line_per_request() {
-    let server = TestServer::start(&[]).await;
+    let server = TestServer::start().await;
     let server_port = server.addr.port();
     let res = request(server.addr, Method::GET, "/health?verbose=1").await;
     let body_bytes = res.body().len();
@@ -393,9 +269,7 @@ async fn logs_are_json_lines_with_one_access_line_per_request() {
         assert!(line["message"].is_string(), "{line}");
     }
     let messages: Vec<&str> = lines.iter().map(|l| l["message"].as_str().unwrap_or_default()).collect();
-    let expected =
-        ["server started", "accessed", "not ready, shutting down after the delay", "shutting down"];
-    assert_eq!(messages, [&expected[..], &["server stopped"]].concat());
+    assert_eq!(messages, ["server started", "accessed", "shutting down", "server stopped"]);
     assert_eq!(lines[0]["name"], env!("CARGO_PKG_NAME"));
     assert_eq!(lines[0]["port"], server_port, "the port bound, which PORT=0 leaves to the system");
     assert_eq!(lines[0]["version"], "v1.2.3-test");
@@ -412,8 +286,7 @@ async fn logs_are_json_lines_with_one_access_line_per_request() {
     let latency_s = access["latency_s"].as_f64().expect("latency_s, a number");
     assert!(latency_us.abs_diff((latency_s * 1e6).round() as u64) <= 1, "{access}");
     assert_eq!(access["request_id"], res.headers()[X_REQUEST_ID].to_str().expect("an id"));
-    assert_eq!((&lines[2]["cause"], &lines[2]["delay_s"]), (&json!("SIGTERM"), &json!(0)));
-    assert_eq!(lines[3]["cause"], "SIGTERM");
+    assert_eq!(lines[2]["cause"], "SIGTERM");
 }
 
 #[tokio::test]
@@ -439,8 +312,8 @@ async fn a_panicking_handler_gets_a_500_and_the_connection_keeps_serving() {
     assert_eq!(panic["panic"], "secret detail");
     let location = panic["location"].as_str().expect("location");
     assert!(location.starts_with("main_test.rs:"), "location {location}");
-    assert_eq!(panic["request_id"], id);
-    assert_eq!(server.logs.wait_for("accessed").await["status"], 500);
+    let accessed = server.logs.wait_for("accessed").await;
+    assert_eq!((&accessed["status"], &accessed["request_id"]), (&json!(500), &json!(id)));
     server.stop().await;
 }
 
@@ -475,8 +348,10 @@ async fn shutdown_lets_a_request_in_flight_finish() {
     within("serve to return", server.done).await.expect("serve returned");
 }
 
+/// After the grace period `serve` returns with a warning; the process then exits, and its
+/// connections still open close with it.
 #[tokio::test(start_paused = true)]
-async fn shutdown_closes_connections_still_open_after_the_grace_period() {
+async fn shutdown_stops_waiting_for_requests_after_the_grace_period() {
     let (handler, mut started) = never_answers();
     let mut server = ServeTest::start(handler).await;
     let mut connection = connect(server.addr).await;
@@ -487,38 +362,13 @@ async fn shutdown_closes_connections_still_open_after_the_grace_period() {
     server.stop.send("SIGTERM").expect("server is running");
     within("serve to return", server.done).await.expect("serve returned");
     assert!(shutdown_at.elapsed() >= GRACE_PERIOD);
-    let warning = server.logs.wait_for("server stopped, closing connections still open").await;
-    assert_eq!(warning["open"], 1);
-    let stuck = within("the stuck request", stuck).await.expect("client task");
-    assert!(stuck.is_err(), "the stuck request was answered");
-}
-
-#[tokio::test]
-async fn health_fails_during_the_shutdown_delay_while_other_routes_serve() {
-    let mut server = TestServer::start(&[("SHUTDOWN_DELAY", "3600")]).await;
-    assert_eq!(request(server.addr, Method::GET, "/health").await.status(), StatusCode::OK);
-
-    server.signal.notify_one();
-    let not_ready = server.logs.wait_for("not ready, shutting down after the delay").await;
-    assert_eq!(not_ready["delay_s"], 3600);
-    let health = request(server.addr, Method::GET, "/health").await;
-    assert_eq!(health.status(), StatusCode::SERVICE_UNAVAILABLE);
-    let health: Value = serde_json::from_str(health.body()).expect("JSON body");
-    assert_eq!(health["status"], "fail");
-    let openapi = request(server.addr, Method::GET, "/openapi.yaml").await;
-    assert_eq!(openapi.status(), StatusCode::OK, "other routes still serve");
-    let resized = resize(server.addr, "width=4", jpeg(8, 8, None)).await;
-    assert_eq!(resized.status(), StatusCode::OK, "other routes still serve");
-
-    // A second signal cuts the delay short; nothing here waits for the clock.
-    let lines = server.stop().await;
-    let messages: Vec<&str> = lines.iter().map(|l| l["message"].as_str().unwrap_or_default()).collect();
-    assert_eq!(messages, ["accessed", "accessed", "accessed", "shutting down", "server stopped"]);
+    server.logs.wait_for("server stopped, closing connections still open").await;
+    assert!(!stuck.is_finished(), "the stuck request was answered");
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_client_that_never_finishes_its_headers_is_disconnected() {
-    let server = TestServer::start(&[]).await;
+    let server = TestServer::start().await;
     let mut stream = within("connect", TcpStream::connect(server.addr)).await.expect("connect");
     within("a write", stream.write_all(b"GET /health HTTP/1.1\r\nHost: test\r\n")).await.expect("write");
     let sent_at = tokio::time::Instant::now();
@@ -532,7 +382,7 @@ async fn a_client_that_never_finishes_its_headers_is_disconnected() {
 
 #[tokio::test]
 async fn resize_fits_inside_the_box_keeping_the_aspect_ratio_and_never_upscales() {
-    let server = TestServer::start(&[]).await;
+    let server = TestServer::start().await;
     let photo = jpeg(300, 200, None);
     let cases = [
         ("width=150", (150, 100)),
@@ -544,51 +394,49 @@ async fn resize_fits_inside_the_box_keeping_the_aspect_ratio_and_never_upscales(
         let res = resize(server.addr, query, photo.clone()).await;
         assert_eq!(res.status(), StatusCode::OK, "{query}");
         assert_eq!(res.headers()[header::CONTENT_TYPE], "image/jpeg", "{query}");
-        let image = image::load_from_memory_with_format(res.body(), ImageFormat::Jpeg).expect("a JPEG");
+        let image = decoded(res.body());
         assert_eq!((image.width(), image.height()), expected, "{query}");
     }
     server.stop().await;
 }
 
 #[tokio::test]
-async fn resize_reads_every_format_and_writes_it_back_gif_as_png() {
-    let server = TestServer::start(&[]).await;
-    let cases = [(Jpeg, Jpeg), (Png, Png), (WebP, WebP), (Gif, Png)];
-    for (input, output) in cases {
-        let res = resize(server.addr, "width=32", encode(&checkerboard(64, 48), input)).await;
-        assert_eq!(res.status(), StatusCode::OK, "{input:?}");
-        assert_eq!(res.headers()[header::CONTENT_TYPE], output.to_mime_type(), "{input:?}");
-        let image = image::load_from_memory_with_format(res.body(), output).expect("decodes");
-        assert_eq!((image.width(), image.height()), (32, 24), "{input:?}");
+async fn resize_reads_jpeg_and_png_and_writes_each_back_as_it_came() {
+    let server = TestServer::start().await;
+    for format in [Jpeg, Png] {
+        let res = resize(server.addr, "width=32", encode(&checkerboard(64, 48), format)).await;
+        assert_eq!(res.status(), StatusCode::OK, "{format:?}");
+        assert_eq!(res.headers()[header::CONTENT_TYPE], format.to_mime_type(), "{format:?}");
+        assert_eq!(image::guess_format(res.body()).ok(), Some(format));
+        let image = decoded(res.body());
+        assert_eq!((image.width(), image.height()), (32, 24), "{format:?}");
     }
     server.stop().await;
 }
 
 #[tokio::test]
-async fn alpha_survives_into_png_and_webp() {
-    let server = TestServer::start(&[]).await;
+async fn alpha_survives_in_png() {
+    let server = TestServer::start().await;
     // Left half transparent, right half opaque red.
     let half =
         RgbaImage::from_fn(64, 32, |x, _| if x < 32 { Rgba([0, 0, 0, 0]) } else { Rgba([255, 0, 0, 255]) });
-    for format in [Png, WebP] {
-        let res = resize(server.addr, "width=32", encode(&DynamicImage::from(half.clone()), format)).await;
-        let output = image::load_from_memory_with_format(res.body(), format).expect("decodes").into_rgba8();
-        let (left, right) = (output.get_pixel(2, 8).0, output.get_pixel(29, 8).0);
-        assert_eq!(left[3], 0, "{format:?} left {left:?}");
-        assert!(right[0] > 240 && right[1] < 15 && right[3] == 255, "{format:?} right {right:?}");
-    }
+    let res = resize(server.addr, "width=32", encode(&DynamicImage::from(half), Png)).await;
+    let output = decoded(res.body()).into_rgba8();
+    let (left, right) = (output.get_pixel(2, 8).0, output.get_pixel(29, 8).0);
+    assert_eq!(left[3], 0, "left {left:?}");
+    assert!(right[0] > 240 && right[1] < 15 && right[3] == 255, "right {right:?}");
     server.stop().await;
 }
 
 #[tokio::test]
 async fn a_jpeg_is_turned_upright_as_its_exif_orientation_says() {
-    let server = TestServer::start(&[]).await;
+    let server = TestServer::start().await;
     // Stored 200x100, left half red and right half blue; EXIF orientation 6: rotate 90° clockwise.
     let rotate_90 = b"Exif\0\0MM\0\x2a\0\0\0\x08\0\x01\x01\x12\0\x03\0\0\0\x01\0\x06\0\0\0\0\0\0";
     let photo = jpeg(200, 100, Some(rotate_90));
     let res = resize(server.addr, "width=50&height=1000", photo).await;
 
-    let image = image::load_from_memory_with_format(res.body(), Jpeg).expect("a JPEG").into_rgb8();
+    let image = decoded(res.body()).into_rgb8();
     assert_eq!(image.dimensions(), (50, 100));
     let (top, bottom) = (image.get_pixel(25, 10).0, image.get_pixel(25, 90).0);
     assert!(top[0] > 200 && top[2] < 60, "top should be red: {top:?}");
@@ -596,22 +444,22 @@ async fn a_jpeg_is_turned_upright_as_its_exif_orientation_says() {
     server.stop().await;
 }
 
-/// A side left out means at most 10000, so a narrow box on a panorama stays within every
-/// encoder's limits (WebP 16383 a side, JPEG 65535) instead of a 500 or a wrapped width.
+/// A side left out means at most 10000, so a narrow box on a panorama stays within the encoders'
+/// limits instead of a 500 or a wrapped width.
 #[tokio::test]
 async fn a_result_fits_every_encoder_whatever_the_aspect_ratio() {
-    let server = TestServer::start(&[]).await;
+    let server = TestServer::start().await;
     let panorama = |width, height, format| encode(&DynamicImage::from(RgbImage::new(width, height)), format);
     let cases = [
         (panorama(20_000, 10, Png), "height=10", Png, (10_000, 5)),
         (panorama(100_000, 1, Png), "width=10000", Png, (10_000, 1)),
-        (panorama(16_383, 2, WebP), "height=2", WebP, (10_000, 1)),
         (panorama(65_535, 1, Jpeg), "height=1", Jpeg, (10_000, 1)),
     ];
     for (image, query, format, expected) in cases {
         let res = resize(server.addr, query, image).await;
         assert_eq!(res.status(), StatusCode::OK, "{query}: {}", String::from_utf8_lossy(res.body()));
-        let output = image::load_from_memory_with_format(res.body(), format).expect("decodes");
+        assert_eq!(image::guess_format(res.body()).ok(), Some(format));
+        let output = decoded(res.body());
         assert_eq!((output.width(), output.height()), expected, "{query}");
     }
     server.stop().await;
@@ -620,7 +468,7 @@ async fn a_result_fits_every_encoder_whatever_the_aspect_ratio() {
 /// A progressive JPEG whose last scan is repeated: each copy is a pass over every block.
 #[tokio::test]
 async fn a_jpeg_of_too_many_scans_is_refused_before_it_is_decoded() {
-    let server = TestServer::start(&[]).await;
+    let server = TestServer::start().await;
     let grey = GrayImage::from_fn(256, 256, |x, y| image::Luma([(x ^ y) as u8]));
     let mut progressive = Vec::new();
     let mut encoder = rusty_jpeg::encode::Encoder::new(&mut progressive, 90);
@@ -673,36 +521,31 @@ async fn a_png_whose_metadata_inflates_to_100_mb_costs_a_few_mb() {
     };
     let bomb = with_profile(&vec![0; 100 << 20]);
     assert!(bomb.len() < 200_000, "the bomb is {} bytes", bomb.len());
-    let job = ResizeJob::parse("width=32", 50_000_000).expect("query");
+    let job = ResizeJob::parse("width=32").expect("query");
     let (resized, peak) = peak_allocation(|| job.process(&bomb));
     assert!(resized.is_ok(), "the image itself is fine");
     assert!(peak < 16 << 20, "resizing the bomb held {} MiB at its peak", peak >> 20);
 
-    let server = TestServer::start(&[]).await;
+    let server = TestServer::start().await;
     for png in [with_profile(&[7; 4000]), bomb] {
         assert_eq!(resize(server.addr, "width=32", png).await.status(), StatusCode::OK);
     }
     server.stop().await;
 }
 
-/// CMYK and YCCK JPEGs, as print workflows write them (with Adobe's marker), come out as RGB; a
-/// JPEG feature the decoder lacks is a 422 that names it.
+/// CMYK and YCCK JPEGs, as print workflows write them (with Adobe's marker), are refused with a
+/// 422 that names them; so is a JPEG feature the decoder lacks.
 #[tokio::test]
-async fn cmyk_and_ycck_jpegs_are_read_and_an_unsupported_feature_is_named() {
-    let server = TestServer::start(&[]).await;
-    // Ink from 0 to 255: left half red (magenta and yellow), right half black at half strength.
-    let ink: Vec<u8> =
-        (0..32 * 64).flat_map(|i| if i % 64 < 32 { [0, 255, 255, 0] } else { [0, 0, 0, 128] }).collect();
+async fn cmyk_and_ycck_jpegs_and_an_unsupported_feature_get_a_422_naming_them() {
+    let server = TestServer::start().await;
+    let ink = vec![128; 16 * 16 * 4];
     for color in [rusty_jpeg::encode::ColorType::Cmyk, rusty_jpeg::encode::ColorType::CmykAsYcck] {
         let mut cmyk = Vec::new();
-        rusty_jpeg::encode::Encoder::new(&mut cmyk, 95).encode(&ink, 64, 32, color).expect("encode");
-        let res = resize(server.addr, "width=32", cmyk).await;
-        assert_eq!(res.status(), StatusCode::OK, "{color:?}: {}", String::from_utf8_lossy(res.body()));
-        let output = image::load_from_memory_with_format(res.body(), ImageFormat::Jpeg).expect("a JPEG");
-        let output = output.into_rgb8();
-        let (red, grey) = (output.get_pixel(4, 8).0, output.get_pixel(28, 8).0);
-        assert!(red[0] > 240 && red[1] < 15 && red[2] < 15, "{color:?} red {red:?}");
-        assert!(grey.iter().all(|&level| level.abs_diff(127) <= 4), "{color:?} grey {grey:?}");
+        rusty_jpeg::encode::Encoder::new(&mut cmyk, 95).encode(&ink, 16, 16, color).expect("encode");
+        let res = resize(server.addr, "width=8", cmyk).await;
+        let text = String::from_utf8_lossy(res.body());
+        assert_eq!(res.status(), StatusCode::UNPROCESSABLE_ENTITY, "{color:?}: {text}");
+        assert!(text.contains("a CMYK, YCCK or 16-bit JPEG"), "{color:?}: {text}");
     }
     let mut arithmetic = jpeg(16, 16, None);
     let frame = arithmetic.windows(2).position(|marker| marker == [0xFF, 0xC0]).expect("a baseline frame");
@@ -720,12 +563,12 @@ async fn cmyk_and_ycck_jpegs_are_read_and_an_unsupported_feature_is_named() {
 /// Query values are read as every HTTP client encodes them: `%31%35%30` is 150.
 #[tokio::test]
 async fn query_values_are_percent_decoded() {
-    let server = TestServer::start(&[]).await;
+    let server = TestServer::start().await;
     let photo = jpeg(300, 200, None);
     for (query, expected) in [("width=%31%35%30", (150, 100)), ("h%65ight=5%30", (75, 50))] {
         let res = resize(server.addr, query, photo.clone()).await;
         assert_eq!(res.status(), StatusCode::OK, "{query}: {}", String::from_utf8_lossy(res.body()));
-        let output = image::load_from_memory_with_format(res.body(), Jpeg).expect("decodes");
+        let output = decoded(res.body());
         assert_eq!((output.width(), output.height()), expected, "{query}");
     }
     server.stop().await;
@@ -733,21 +576,37 @@ async fn query_values_are_percent_decoded() {
 
 #[tokio::test]
 async fn hostile_input_gets_a_clear_4xx_and_the_server_keeps_serving() {
-    let server = TestServer::start(&[]).await;
+    let server = TestServer::start().await;
     let photo = jpeg(64, 64, None);
-    let cases: [(&str, Vec<u8>, StatusCode, &str); 12] = [
+    let cases: [(&str, Vec<u8>, StatusCode, &str); 13] = [
         ("width=10", vec![], StatusCode::BAD_REQUEST, "empty body"),
         ("", photo.clone(), StatusCode::BAD_REQUEST, "width or height is required"),
         ("width=0", photo.clone(), StatusCode::BAD_REQUEST, r#"invalid width \"0\""#),
         ("width=-1", photo.clone(), StatusCode::BAD_REQUEST, r#"invalid width \"-1\""#),
         ("height=abc", photo.clone(), StatusCode::BAD_REQUEST, r#"invalid height \"abc\""#),
         ("width=10001", photo.clone(), StatusCode::BAD_REQUEST, "between 1 and 10000"),
-        ("width=10", b"hello, not an image".to_vec(), StatusCode::UNSUPPORTED_MEDIA_TYPE, "not a JPEG"),
+        (
+            "width=10",
+            b"hello, not an image".to_vec(),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "not a JPEG or PNG",
+        ),
+        (
+            "width=10",
+            b"GIF89a\x01\0\x01\0\0\0\0;".to_vec(),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "not a JPEG or PNG",
+        ),
+        (
+            "width=10",
+            b"RIFF\x1a\0\0\0WEBPVP8L".to_vec(),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "not a JPEG or PNG",
+        ),
         ("width=10", photo[..photo.len() * 2 / 3].to_vec(), StatusCode::UNPROCESSABLE_ENTITY, "the JPEG"),
-        ("width=10", png_truncated(), StatusCode::UNPROCESSABLE_ENTITY, "cannot decode"),
+        ("width=10", png_truncated(), StatusCode::UNPROCESSABLE_ENTITY, "cannot decode the PNG"),
         ("width=10", png_bomb(100_000, 100_000), StatusCode::PAYLOAD_TOO_LARGE, "100000x100000"),
         ("width=10", jpeg_bomb(60_000, 60_000), StatusCode::PAYLOAD_TOO_LARGE, "60000x60000"),
-        ("width=10", gif_bomb(65_535, 65_535), StatusCode::PAYLOAD_TOO_LARGE, "65535x65535"),
     ];
     for (query, body, status, message) in cases {
         let res = resize(server.addr, query, body).await;
@@ -759,36 +618,32 @@ async fn hostile_input_gets_a_clear_4xx_and_the_server_keeps_serving() {
     server.stop().await;
 }
 
-/// An ordinary client still sending a body it is refused for reads the answer instead of a reset.
+/// A body that turns out longer than the limit once counted (chunked, so no length was announced)
+/// is a 413. The client stops at the first byte over, so the server has read all it sent.
 #[tokio::test]
-async fn a_refused_client_still_sending_reads_the_answer() {
-    let server = TestServer::start(&[("RESIZE_MAX_BYTES", "25000000")]).await;
-    let (large, allowed) = (vec![0_u8; 32 << 20], vec![0_u8; 20 << 20]); // both more than socket buffers hold
-    let announced = |body: &[u8]| format!("Content-Length: {}\r\n\r\n", body.len());
-    let chunked = format!("Transfer-Encoding: chunked\r\n\r\n{:x}\r\n", large.len());
-    let cases = [
-        ("width=10", announced(&large), &large, "", "413"),
-        ("width=10", chunked, &large, "\r\n0\r\n\r\n", "413"),
-        ("width=abc", announced(&allowed), &allowed, "", "400"),
-    ];
-    for (query, framing, body, end, status) in cases {
-        let mut stream = within("connect", TcpStream::connect(server.addr)).await.expect("connect");
-        let head = format!("POST /resize?{query} HTTP/1.1\r\nHost: test\r\n{framing}");
-        within("a write", stream.write_all(head.as_bytes())).await.expect("head");
-        within("a write", stream.write_all(body)).await.expect("the server reads the rest of the body");
-        within("a write", stream.write_all(end.as_bytes())).await.expect("end");
-        let mut status_line = [0; 12];
-        within("a read", stream.read_exact(&mut status_line)).await.expect("a response");
-        assert_eq!(String::from_utf8_lossy(&status_line), format!("HTTP/1.1 {status}"), "{query}");
-    }
+async fn a_body_counted_over_the_limit_gets_413() {
+    let server = TestServer::start().await;
+    let mut stream = within("connect", TcpStream::connect(server.addr)).await.expect("connect");
+    let over = MAX_BODY_BYTES + 1;
+    let head = format!(
+        "POST /resize?width=10 HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\r\n{over:x}\r\n"
+    );
+    within("a write", stream.write_all(head.as_bytes())).await.expect("head");
+    within("a write", stream.write_all(&vec![0; over])).await.expect("the server reads the body");
+    let mut status_line = [0; 12];
+    within("a read", stream.read_exact(&mut status_line)).await.expect("a response");
+    assert_eq!(&status_line, b"HTTP/1.1 413");
     server.stop().await;
 }
 
 #[tokio::test]
-async fn a_refused_body_gets_no_100_continue() {
-    let server = TestServer::start(&[("RESIZE_MAX_BYTES", "1000")]).await;
+async fn an_announced_body_over_the_limit_gets_413_and_no_100_continue() {
+    let server = TestServer::start().await;
     let mut stream = within("connect", TcpStream::connect(server.addr)).await.expect("connect");
-    let head = "POST /resize?width=10 HTTP/1.1\r\nHost: test\r\nContent-Length: 5000\r\nExpect: 100-continue\r\n\r\n";
+    let length = MAX_BODY_BYTES + 1;
+    let head = format!(
+        "POST /resize?width=10 HTTP/1.1\r\nHost: test\r\nContent-Length: {length}\r\nExpect: 100-continue\r\n\r\n"
+    );
     within("a write", stream.write_all(head.as_bytes())).await.expect("head");
     let mut response = Vec::new();
     within("the stream to close", stream.read_to_end(&mut response))
@@ -801,7 +656,7 @@ async fn a_refused_body_gets_no_100_continue() {
 
 #[tokio::test(start_paused = true)]
 async fn a_body_that_comes_too_slowly_gets_408() {
-    let server = TestServer::start(&[]).await;
+    let server = TestServer::start().await;
     let mut stream = within("connect", TcpStream::connect(server.addr)).await.expect("connect");
     let head = "POST /resize?width=10 HTTP/1.1\r\nHost: test\r\nContent-Length: 1000\r\n\r\nstarted";
     within("a write", stream.write_all(head.as_bytes())).await.expect("head");
@@ -818,7 +673,7 @@ async fn a_body_that_comes_too_slowly_gets_408() {
 /// with `Retry-After`; a client that leaves gives its place back.
 #[tokio::test]
 async fn resize_requests_past_the_queue_get_503_and_leaving_frees_a_place() {
-    let mut server = TestServer::start(&[]).await;
+    let mut server = TestServer::start().await;
     let places = std::thread::available_parallelism().map_or(1, usize::from) * QUEUE_PER_CORE;
     let mut waiting = Vec::new();
     for _ in 0..places {
@@ -837,16 +692,6 @@ async fn resize_requests_past_the_queue_get_503_and_leaving_frees_a_place() {
     assert_eq!(refused.headers()[header::RETRY_AFTER], "1");
     assert!(refused.headers().contains_key(X_REQUEST_ID));
     assert_eq!(refused.body().as_ref(), br#"{"error":"too many images in flight"}"#);
-    // A client that sends a large body without waiting reads the 503 too, not a reset.
-    let mut sending = within("connect", TcpStream::connect(server.addr)).await.expect("connect");
-    let large = vec![0_u8; 16 << 20];
-    let head =
-        format!("POST /resize?width=10 HTTP/1.1\r\nHost: test\r\nContent-Length: {}\r\n\r\n", large.len());
-    within("a write", sending.write_all(head.as_bytes())).await.expect("head");
-    within("a write", sending.write_all(&large)).await.expect("the server reads the rest of the body");
-    let mut status_line = [0; 12];
-    within("a read", sending.read_exact(&mut status_line)).await.expect("a response");
-    assert_eq!(&status_line, b"HTTP/1.1 503");
     assert_eq!(request(server.addr, Method::GET, "/health").await.status(), StatusCode::OK);
 
     drop(waiting);
@@ -863,7 +708,7 @@ async fn resize_requests_past_the_queue_get_503_and_leaving_frees_a_place() {
 /// they are in flight, each with its image in memory, while `/health` answers.
 #[tokio::test]
 async fn health_answers_while_images_are_in_flight() {
-    let server = TestServer::start(&[]).await;
+    let server = TestServer::start().await;
     let photo = jpeg(1600, 1200, None);
     let mut uploads = Vec::new();
     for _ in 0..4 {
@@ -895,9 +740,8 @@ async fn health_answers_while_images_are_in_flight() {
 fn the_fast_jpeg_path_matches_a_full_decode_resize() {
     let photo = include_bytes!("testdata/photo-1920x1080.jpg");
     for box_side in [400, 800] {
-        let job =
-            ResizeJob::parse(&format!("width={box_side}&height={box_side}"), 50_000_000).expect("query");
-        let (scaled, _, _) = job.decode(photo).unwrap_or_else(|_| panic!("decoded"));
+        let job = ResizeJob::parse(&format!("width={box_side}&height={box_side}")).expect("query");
+        let (scaled, _, _) = job.decode_jpeg(photo).unwrap_or_else(|_| panic!("decoded"));
         assert!(scaled.width() < 1920 && scaled.width() >= box_side, "decoded at {}", scaled.width());
         let (width, height) = job.fit_inside((1920, 1080), image::metadata::Orientation::NoTransforms);
         let lanczos = |image: &DynamicImage| {
@@ -906,7 +750,7 @@ fn the_fast_jpeg_path_matches_a_full_decode_resize() {
             resized
         };
         let fast = lanczos(&scaled);
-        let reference = lanczos(&image::load_from_memory_with_format(photo, Jpeg).expect("a JPEG"));
+        let reference = lanczos(&decoded(photo));
         let ssim = luma_ssim(&fast.to_luma8(), &reference.to_luma8());
         assert!(ssim >= 0.985, "SSIM {ssim:.4} at {box_side}");
     }
@@ -929,54 +773,35 @@ fn build_info_is_the_commit_being_built() {
     assert_eq!(env!("GIT_DIRTY"), (!status.is_empty()).to_string(), "dirty flag");
 }
 
-#[test]
-fn uptime_reads_like_a_go_duration() {
-    let cases =
-        [(0, "0h0m0.000s"), (61_001, "0h1m1.001s"), (3_723_450, "1h2m3.450s"), (90_000_000, "25h0m0.000s")];
-    for (millis, expected) in cases {
-        assert_eq!(go_duration(Duration::from_millis(millis)), expected);
-    }
-}
-
 /// A server started through `run`, as `main` starts it, but on an ephemeral port.
 struct TestServer {
     addr: SocketAddr,
     /// Its first line, `server started`, which says the port it bound.
     started: Value,
     logs: Logs,
-    /// Each notification stands for one SIGTERM.
-    signal: Arc<Notify>,
+    /// Stands for SIGTERM.
+    stop: oneshot::Sender<&'static str>,
     done: tokio::task::JoinHandle<Result<(), String>>,
 }
 
 impl TestServer {
-    async fn start(env: &'static [(&'static str, &'static str)]) -> TestServer {
+    async fn start() -> TestServer {
         log_panics_once();
         let (log_writer, mut logs) = Logs::capture();
-        let signal = Arc::new(Notify::new());
-        let env = [("PORT", "0")].iter().chain(env);
-        let getenv = move |key: &str| env.clone().find(|(k, _)| *k == key).map(|(_, v)| v.to_string());
-        let sigterm = {
-            let signal = signal.clone();
-            move || {
-                let signal = signal.clone();
-                async move {
-                    signal.notified().await;
-                    "SIGTERM"
-                }
-            }
-        };
+        let (stop, stopped) = oneshot::channel();
+        let sigterm = async { stopped.await.unwrap_or("test dropped") };
+        let getenv = |key: &str| (key == "PORT").then(|| "0".to_owned());
         let done = tokio::spawn(run(getenv, log_writer, sigterm, BUILD));
         let started = logs.wait_for("server started").await;
         let port =
             started["port"].as_u64().and_then(|port| u16::try_from(port).ok()).expect("the port bound");
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        TestServer { addr, started, logs, signal, done }
+        TestServer { addr, started, logs, stop, done }
     }
 
     /// Sends SIGTERM's stand-in, waits until `run` returns Ok, and returns every line it logged.
     async fn stop(mut self) -> Vec<Value> {
-        self.signal.notify_one();
+        self.stop.send("SIGTERM").expect("server is running");
         within("run to return", self.done).await.expect("run task").expect("run returned Ok");
         std::iter::from_fn(|| self.logs.try_next()).collect()
     }
@@ -1169,6 +994,13 @@ fn routed_paths() -> BTreeSet<&'static str> {
     literals.filter(|literal| literal.starts_with('/')).collect()
 }
 
+/// A number and a unit Go's time.ParseDuration reads, as Rust's Duration Debug format writes them.
+fn is_go_duration(text: &str) -> bool {
+    let number = text.trim_end_matches(|c: char| c.is_alphabetic());
+    let unit = &text[number.len()..];
+    number.parse::<f64>().is_ok() && ["s", "ms", "µs", "ns"].contains(&unit)
+}
+
 /// `2026-11-26T21:55:00Z`: RFC 3339 in UTC, as build.rs writes commit times.
 fn is_rfc3339_utc(text: &str) -> bool {
     let pattern = "0000-00-00T00:00:00Z";
@@ -1210,6 +1042,18 @@ fn encode(image: &DynamicImage, format: ImageFormat) -> Vec<u8> {
     let mut out = std::io::Cursor::new(Vec::new());
     image.write_to(&mut out, format).expect("encode");
     out.into_inner()
+}
+
+/// A JPEG (always RGB, as the server writes them) or a PNG, decoded whole.
+fn decoded(image: &[u8]) -> DynamicImage {
+    if image::guess_format(image).ok() == Some(ImageFormat::Png) {
+        return image::load_from_memory_with_format(image, ImageFormat::Png).expect("a PNG");
+    }
+    let mut decoder = rusty_jpeg::decode::Decoder::new(image);
+    let pixels = decoder.decode().expect("a JPEG");
+    let info = decoder.info().expect("a frame");
+    let rgb = RgbImage::from_raw(info.width.into(), info.height.into(), pixels).expect("RGB pixels");
+    DynamicImage::from(rgb)
 }
 
 fn png_truncated() -> Vec<u8> {
@@ -1296,14 +1140,6 @@ fn jpeg_bomb(width: u16, height: u16) -> Vec<u8> {
     jpeg
 }
 
-/// A GIF whose logical screen and first frame claim `width`×`height` pixels.
-fn gif_bomb(width: u16, height: u16) -> Vec<u8> {
-    let (w, h) = (width.to_le_bytes(), height.to_le_bytes());
-    let screen = [b"GIF89a".as_slice(), &w, &h, &[0, 0, 0]].concat();
-    let frame = [&[0x2C, 0, 0, 0, 0][..], &w, &h, &[0, 2, 2, 0x4C, 1, 0, 0x3B]].concat();
-    [screen, frame].concat()
-}
-
 fn crc32(bytes: &[u8]) -> u32 {
     let mut crc = !0_u32;
     for &byte in bytes {
@@ -1352,7 +1188,7 @@ fn mutated_images_get_an_image_or_a_4xx_in_bounded_time() {
         for round in 0..450 {
             let input = mutate(seed, &mut random);
             let query = queries[round % queries.len()];
-            let job = ResizeJob::parse(query, 50_000_000).expect("query");
+            let job = ResizeJob::parse(query).expect("query");
             let started = std::time::Instant::now();
             let outcome = catch_unwind(AssertUnwindSafe(|| job.process(&input)));
             let took = started.elapsed();
@@ -1373,8 +1209,8 @@ fn mutated_images_get_an_image_or_a_4xx_in_bounded_time() {
     assert!(images > count / 5, "only {images} of {count} inputs decoded: the mutations are too blunt");
 }
 
-/// Small valid images: JPEG (baseline with EXIF, progressive, CMYK), PNG (alpha with text and
-/// colour profile chunks, grey), WebP and GIF.
+/// Small valid images: JPEG (baseline with EXIF, progressive, CMYK) and PNG (alpha with text and
+/// colour profile chunks, grey).
 fn mutation_seeds() -> Vec<(&'static str, Vec<u8>)> {
     let picture = checkerboard(48, 32);
     let rotate_90 = b"Exif\0\0MM\0\x2a\0\0\0\x08\0\x01\x01\x12\0\x03\0\0\0\x01\0\x06\0\0\0\0\0\0";
@@ -1401,8 +1237,6 @@ fn mutation_seeds() -> Vec<(&'static str, Vec<u8>)> {
         ("CMYK JPEG", cmyk),
         ("RGBA PNG with tEXt and iCCP", png_with_metadata),
         ("grey PNG", encode(&DynamicImage::from(picture.to_luma8()), ImageFormat::Png)),
-        ("WebP", encode(&picture, ImageFormat::WebP)),
-        ("GIF", encode(&picture, ImageFormat::Gif)),
     ]
 }
 
