@@ -6,12 +6,9 @@
 use super::*;
 use http_body_util::BodyExt;
 use hyper::client::conn::http1 as client;
-use image::{GrayImage, RgbImage, Rgba, RgbaImage};
 use serde_json::{Value, json};
-use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::panic::catch_unwind;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, mpsc, oneshot};
@@ -145,37 +142,16 @@ async fn every_request_gets_an_id_from_x_request_id_or_a_new_one() {
     assert_eq!(logged, ids.iter().map(|id| json!(id)).collect::<Vec<_>>().iter().collect::<Vec<_>>());
 }
 
-/// A panic on the blocking pool, where images are resized, is logged as JSON and answered with a 500.
-#[tokio::test]
-async fn a_panicking_image_job_is_a_json_line_and_a_500() {
-    let handler = |_| in_blocking_thread(|| -> Response<Body> { panic!("the job failed") });
-    let mut server = ServeTest::start(handler).await;
-    let res = request(server.addr, Method::GET, "/job").await;
-
-    assert_eq!(res.status(), StatusCode::INTERNAL_SERVER_ERROR);
-    assert_eq!(res.body(), r#"{"error":"internal server error"}"#);
-    let panic = server.logs.wait_for("panic").await;
-    assert_eq!((&panic["level"], &panic["panic"]), (&json!("ERROR"), &json!("the job failed")));
-    let location = panic["location"].as_str().expect("location");
-    assert!(location.starts_with("main_test.rs:"), "location {location}");
-    assert_eq!(server.logs.wait_for("accessed").await["status"], 500);
-    server.stop().await;
-}
-
 /// The access line is the request's canonical log line, one per request, from which the shipped
 /// Fluent Bit pipeline derives the metrics: `route` is what matched or `unmatched`, so a scan of
 /// random paths adds no value a metric would be labelled with.
 #[tokio::test]
 async fn each_request_gets_one_access_line_whose_route_is_bounded() {
     let server = TestServer::start().await;
-    let mut sent =
-        vec![("GET", "/health"), ("HEAD", "/health"), ("PUT", "/health"), ("BREW", "/openapi.yaml")];
+    let sent = [("GET", "/health"), ("HEAD", "/health"), ("PUT", "/health"), ("BREW", "/openapi.yaml")];
     for (method, path) in &sent {
         request(server.addr, method.parse().expect("a method"), path).await;
     }
-    assert_eq!(resize(server.addr, "width=4", jpeg(8, 8, None)).await.status(), StatusCode::OK);
-    assert_eq!(resize(server.addr, "width=0", jpeg(8, 8, None)).await.status(), StatusCode::BAD_REQUEST);
-    sent.extend([("POST", "/resize"), ("POST", "/resize")]);
     let scan: Vec<String> = (0..30).map(|n| format!("/scan-{n}/{}", "x".repeat(n))).collect();
     for path in &scan {
         request(server.addr, Method::GET, path).await;
@@ -195,8 +171,6 @@ async fn each_request_gets_one_access_line_whose_route_is_bounded() {
         ("HEAD", "/health", 200),
         ("PUT", "/health", 405),
         ("BREW", "/openapi.yaml", 405),
-        ("POST", "/resize", 200),
-        ("POST", "/resize", 400),
     ];
     assert_eq!(seen[..sent.len()], expected_head);
     assert!(seen[sent.len()..].iter().all(|&line| line == ("GET", "unmatched", 404)), "{seen:?}");
@@ -377,6 +351,275 @@ async fn a_client_that_never_finishes_its_headers_is_disconnected() {
     let _ = within("the stream to close", stream.read_to_end(&mut received)).await; // EOF or reset: closed either way
     assert!(sent_at.elapsed() >= HEADER_READ_TIMEOUT);
     assert!(!received.starts_with(b"HTTP/1.1 200"), "served an incomplete request");
+    server.stop().await;
+}
+
+/// build.rs embeds the commit being built; checked against git itself where there is a repository.
+#[test]
+fn build_info_is_the_commit_being_built() {
+    let git = |args: &[&str]| {
+        let output = std::process::Command::new("git").args(args).output().ok()?;
+        output.status.success().then(|| String::from_utf8_lossy(&output.stdout).trim().to_owned())
+    };
+    let Some(head) = git(&["rev-parse", "HEAD"]) else {
+        eprintln!("no git repository: build.rs used GIT_COMMIT and friends");
+        return;
+    };
+    assert_eq!(env!("GIT_COMMIT"), head);
+    assert!(is_rfc3339_utc(env!("GIT_COMMIT_TIME")), "{}", env!("GIT_COMMIT_TIME"));
+    let status = git(&["status", "--porcelain", "--untracked-files=no"]).expect("git status");
+    assert_eq!(env!("GIT_DIRTY"), (!status.is_empty()).to_string(), "dirty flag");
+}
+
+/// A server started through `run`, as `main` starts it, but on an ephemeral port.
+struct TestServer {
+    addr: SocketAddr,
+    /// Its first line, `server started`, which says the port it bound.
+    started: Value,
+    logs: Logs,
+    /// Stands for SIGTERM.
+    stop: oneshot::Sender<&'static str>,
+    done: tokio::task::JoinHandle<Result<(), String>>,
+}
+
+impl TestServer {
+    async fn start() -> TestServer {
+        log_panics_once();
+        let (log_writer, mut logs) = Logs::capture();
+        let (stop, stopped) = oneshot::channel();
+        let sigterm = async { stopped.await.unwrap_or("test dropped") };
+        let getenv = |key: &str| (key == "PORT").then(|| "0".to_owned());
+        let done = tokio::spawn(run(getenv, log_writer, sigterm, BUILD));
+        let started = logs.wait_for("server started").await;
+        let port =
+            started["port"].as_u64().and_then(|port| u16::try_from(port).ok()).expect("the port bound");
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        TestServer { addr, started, logs, stop, done }
+    }
+
+    /// Sends SIGTERM's stand-in, waits until `run` returns Ok, and returns every line it logged.
+    async fn stop(mut self) -> Vec<Value> {
+        self.stop.send("SIGTERM").expect("server is running");
+        within("run to return", self.done).await.expect("run task").expect("run returned Ok");
+        std::iter::from_fn(|| self.logs.try_next()).collect()
+    }
+}
+
+/// The server loop `serve` with a test's own handler, logging as `run` does.
+struct ServeTest {
+    addr: SocketAddr,
+    logs: Logs,
+    stop: oneshot::Sender<&'static str>,
+    done: tokio::task::JoinHandle<()>,
+}
+
+impl ServeTest {
+    async fn start<H, F>(handler: H) -> ServeTest
+    where
+        H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+        F: Future<Output = Response<Body>> + Send + 'static,
+    {
+        log_panics_once();
+        let (log_writer, logs) = Logs::capture();
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("bound address");
+        let (stop, stopped) = oneshot::channel();
+        let shutdown = async { stopped.await.unwrap_or("test dropped") };
+        let app = move |req, peer| observe(req, peer, handler.clone());
+        let done = tokio::spawn(serve(listener, app, shutdown).with_subscriber(json_logs(log_writer)));
+        ServeTest { addr, logs, stop, done }
+    }
+
+    async fn stop(self) {
+        self.stop.send("SIGTERM").expect("server is running");
+        within("serve to return", self.done).await.expect("serve returned");
+    }
+}
+
+type NeverAnswers = std::pin::Pin<Box<dyn Future<Output = Response<Body>> + Send>>;
+
+/// A handler that never answers, and a receiver that hears each time it starts.
+fn never_answers()
+-> (impl Fn(Request<Incoming>) -> NeverAnswers + Clone + Send + Sync, mpsc::UnboundedReceiver<()>) {
+    let (started_tx, started) = mpsc::unbounded_channel();
+    let handler = move |_| {
+        let started_tx = started_tx.clone();
+        Box::pin(async move {
+            started_tx.send(()).expect("test is waiting");
+            std::future::pending().await
+        }) as NeverAnswers
+    };
+    (handler, started)
+}
+
+/// Logs panics as `main` does, once for the whole test binary.
+fn log_panics_once() {
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+    INSTALL.call_once(log_panics);
+}
+
+/// The server's log lines, each checked to be exactly one JSON object on one line.
+struct Logs(mpsc::UnboundedReceiver<String>);
+
+impl Logs {
+    fn capture() -> (impl for<'w> MakeWriter<'w> + Send + Sync + 'static, Logs) {
+        let (lines_tx, lines) = mpsc::unbounded_channel();
+        (move || LineWriter(lines_tx.clone()), Logs(lines))
+    }
+
+    /// Reads lines until one has this message; the lines are the test's readiness signals.
+    async fn wait_for(&mut self, message: &str) -> Value {
+        loop {
+            let next = within(&format!("a log line {message:?}"), self.0.recv()).await;
+            let line = next.expect("the server logged that line");
+            let line = parse_log_line(&line);
+            if line["message"] == message {
+                return line;
+            }
+        }
+    }
+
+    fn try_next(&mut self) -> Option<Value> {
+        self.0.try_recv().ok().map(|line| parse_log_line(&line))
+    }
+}
+
+fn parse_log_line(line: &str) -> Value {
+    let one_line = line.ends_with('\n') && line.matches('\n').count() == 1;
+    assert!(one_line, "not one line: {line:?}");
+    serde_json::from_str(line).unwrap_or_else(|err| panic!("not JSON ({err}): {line}"))
+}
+
+/// Sends each write of the logger (one whole line) to the test.
+struct LineWriter(mpsc::UnboundedSender<String>);
+
+impl io::Write for LineWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let _ = self.0.send(String::from_utf8_lossy(buf).into_owned());
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Fails the test when `future` takes longer than TIMEOUT.
+async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
+    let waited = tokio::time::timeout(TIMEOUT, future).await;
+    waited.unwrap_or_else(|_| panic!("waited more than {TIMEOUT:?} for {what}"))
+}
+
+/// One request on a new connection; the body comes back as text.
+async fn request(addr: SocketAddr, method: Method, path: &str) -> Response<String> {
+    send(&mut connect(addr).await, method, path).await
+}
+
+/// A GET with these headers on a new connection; the body comes back as text.
+async fn get_with(addr: SocketAddr, path: &str, headers: &[(&'static str, &[u8])]) -> Response<String> {
+    let mut req = empty_request(Method::GET, path);
+    for (name, value) in headers {
+        req.headers_mut().append(*name, HeaderValue::from_bytes(value).expect("a header value"));
+    }
+    let res = send_request(&mut connect(addr).await, req).await;
+    res.map(|body| String::from_utf8(body.to_vec()).expect("UTF-8 body"))
+}
+
+async fn connect(addr: SocketAddr) -> client::SendRequest<Body> {
+    let stream = within("connect", TcpStream::connect(addr)).await.expect("connect");
+    let handshake = within("handshake", client::handshake(TokioIo::new(stream))).await;
+    let (sender, connection) = handshake.expect("handshake");
+    tokio::spawn(connection);
+    sender
+}
+
+async fn send(connection: &mut client::SendRequest<Body>, method: Method, path: &str) -> Response<String> {
+    let res = send_request(connection, empty_request(method, path)).await;
+    res.map(|body| String::from_utf8(body.to_vec()).expect("UTF-8 body"))
+}
+
+async fn send_request(connection: &mut client::SendRequest<Body>, req: Request<Body>) -> Response<Bytes> {
+    let res = within("a response", connection.send_request(req)).await.expect("response");
+    let (parts, body) = res.into_parts();
+    let body = within("the body", body.collect()).await.expect("body");
+    Response::from_parts(parts, body.to_bytes())
+}
+
+fn empty_request(method: Method, path: &str) -> Request<Body> {
+    let mut req = Request::new(Full::default());
+    *req.method_mut() = method;
+    *req.uri_mut() = path.parse().expect("path");
+    req.headers_mut().insert(header::HOST, HeaderValue::from_static("test"));
+    req
+}
+
+/// Methods by path, as openapi.yaml's `paths:` section lists them.
+fn documented_routes() -> BTreeMap<String, Vec<String>> {
+    let spec = include_str!("openapi.yaml");
+    let paths = spec.split("\npaths:\n").nth(1).expect("paths section");
+    let mut routes: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut path = String::new();
+    for line in paths.lines().take_while(|line| line.is_empty() || line.starts_with(' ')) {
+        let indent = line.len() - line.trim_start().len();
+        match (indent, line.trim_start().strip_suffix(':')) {
+            (2, Some(key)) => path = key.to_owned(),
+            (4, Some(key)) if HTTP_METHODS.contains(&key) => {
+                routes.entry(path.clone()).or_default().push(key.to_uppercase())
+            }
+            _ => {}
+        }
+    }
+    routes
+}
+
+const HTTP_METHODS: [&str; 8] = ["get", "put", "post", "delete", "options", "head", "patch", "trace"];
+
+/// The path literals in `route`'s source.
+fn routed_paths() -> BTreeSet<&'static str> {
+    let source = include_str!("main.rs");
+    let route = source.split("\nasync fn route(").nth(1).expect("fn route");
+    let body = route.split("\n}\n").next().expect("end of fn route");
+    let literals = body.split('"').skip(1).step_by(2);
+    literals.filter(|literal| literal.starts_with('/')).collect()
+}
+
+/// A number and a unit Go's time.ParseDuration reads, as Rust's Duration Debug format writes them.
+fn is_go_duration(text: &str) -> bool {
+    let number = text.trim_end_matches(|c: char| c.is_alphabetic());
+    let unit = &text[number.len()..];
+    number.parse::<f64>().is_ok() && ["s", "ms", "µs", "ns"].contains(&unit)
+}
+
+/// `2026-11-26T21:55:00Z`: RFC 3339 in UTC, as build.rs writes commit times.
+fn is_rfc3339_utc(text: &str) -> bool {
+    let pattern = "0000-00-00T00:00:00Z";
+    text.len() == pattern.len()
+        && text
+            .chars()
+            .zip(pattern.chars())
+            .all(|(c, p)| matches!((c, p), ('0'..='9', '0')) || c == p && p != '0')
+}
+
+// ===== The tests of the example endpoint, POST /resize, to the end of the file: with it, delete them.
+
+use image::{GrayImage, RgbImage, Rgba, RgbaImage};
+use std::cell::Cell;
+use std::panic::catch_unwind;
+
+/// A panic on the blocking pool, where images are resized, is logged as JSON and answered with a 500.
+#[tokio::test]
+async fn a_panicking_image_job_is_a_json_line_and_a_500() {
+    let handler = |_| in_blocking_thread(|| -> Response<Body> { panic!("the job failed") });
+    let mut server = ServeTest::start(handler).await;
+    let res = request(server.addr, Method::GET, "/job").await;
+
+    assert_eq!(res.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(res.body(), r#"{"error":"internal server error"}"#);
+    let panic = server.logs.wait_for("panic").await;
+    assert_eq!((&panic["level"], &panic["panic"]), (&json!("ERROR"), &json!("the job failed")));
+    let location = panic["location"].as_str().expect("location");
+    assert!(location.starts_with("main_test.rs:"), "location {location}");
+    assert_eq!(server.logs.wait_for("accessed").await["status"], 500);
     server.stop().await;
 }
 
@@ -756,177 +999,6 @@ fn the_fast_jpeg_path_matches_a_full_decode_resize() {
     }
 }
 
-/// build.rs embeds the commit being built; checked against git itself where there is a repository.
-#[test]
-fn build_info_is_the_commit_being_built() {
-    let git = |args: &[&str]| {
-        let output = std::process::Command::new("git").args(args).output().ok()?;
-        output.status.success().then(|| String::from_utf8_lossy(&output.stdout).trim().to_owned())
-    };
-    let Some(head) = git(&["rev-parse", "HEAD"]) else {
-        eprintln!("no git repository: build.rs used GIT_COMMIT and friends");
-        return;
-    };
-    assert_eq!(env!("GIT_COMMIT"), head);
-    assert!(is_rfc3339_utc(env!("GIT_COMMIT_TIME")), "{}", env!("GIT_COMMIT_TIME"));
-    let status = git(&["status", "--porcelain", "--untracked-files=no"]).expect("git status");
-    assert_eq!(env!("GIT_DIRTY"), (!status.is_empty()).to_string(), "dirty flag");
-}
-
-/// A server started through `run`, as `main` starts it, but on an ephemeral port.
-struct TestServer {
-    addr: SocketAddr,
-    /// Its first line, `server started`, which says the port it bound.
-    started: Value,
-    logs: Logs,
-    /// Stands for SIGTERM.
-    stop: oneshot::Sender<&'static str>,
-    done: tokio::task::JoinHandle<Result<(), String>>,
-}
-
-impl TestServer {
-    async fn start() -> TestServer {
-        log_panics_once();
-        let (log_writer, mut logs) = Logs::capture();
-        let (stop, stopped) = oneshot::channel();
-        let sigterm = async { stopped.await.unwrap_or("test dropped") };
-        let getenv = |key: &str| (key == "PORT").then(|| "0".to_owned());
-        let done = tokio::spawn(run(getenv, log_writer, sigterm, BUILD));
-        let started = logs.wait_for("server started").await;
-        let port =
-            started["port"].as_u64().and_then(|port| u16::try_from(port).ok()).expect("the port bound");
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        TestServer { addr, started, logs, stop, done }
-    }
-
-    /// Sends SIGTERM's stand-in, waits until `run` returns Ok, and returns every line it logged.
-    async fn stop(mut self) -> Vec<Value> {
-        self.stop.send("SIGTERM").expect("server is running");
-        within("run to return", self.done).await.expect("run task").expect("run returned Ok");
-        std::iter::from_fn(|| self.logs.try_next()).collect()
-    }
-}
-
-/// The server loop `serve` with a test's own handler, logging as `run` does.
-struct ServeTest {
-    addr: SocketAddr,
-    logs: Logs,
-    stop: oneshot::Sender<&'static str>,
-    done: tokio::task::JoinHandle<()>,
-}
-
-impl ServeTest {
-    async fn start<H, F>(handler: H) -> ServeTest
-    where
-        H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
-        F: Future<Output = Response<Body>> + Send + 'static,
-    {
-        log_panics_once();
-        let (log_writer, logs) = Logs::capture();
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("bound address");
-        let (stop, stopped) = oneshot::channel();
-        let shutdown = async { stopped.await.unwrap_or("test dropped") };
-        let app = move |req, peer| observe(req, peer, handler.clone());
-        let done = tokio::spawn(serve(listener, app, shutdown).with_subscriber(json_logs(log_writer)));
-        ServeTest { addr, logs, stop, done }
-    }
-
-    async fn stop(self) {
-        self.stop.send("SIGTERM").expect("server is running");
-        within("serve to return", self.done).await.expect("serve returned");
-    }
-}
-
-type NeverAnswers = std::pin::Pin<Box<dyn Future<Output = Response<Body>> + Send>>;
-
-/// A handler that never answers, and a receiver that hears each time it starts.
-fn never_answers()
--> (impl Fn(Request<Incoming>) -> NeverAnswers + Clone + Send + Sync, mpsc::UnboundedReceiver<()>) {
-    let (started_tx, started) = mpsc::unbounded_channel();
-    let handler = move |_| {
-        let started_tx = started_tx.clone();
-        Box::pin(async move {
-            started_tx.send(()).expect("test is waiting");
-            std::future::pending().await
-        }) as NeverAnswers
-    };
-    (handler, started)
-}
-
-/// Logs panics as `main` does, once for the whole test binary.
-fn log_panics_once() {
-    static INSTALL: std::sync::Once = std::sync::Once::new();
-    INSTALL.call_once(log_panics);
-}
-
-/// The server's log lines, each checked to be exactly one JSON object on one line.
-struct Logs(mpsc::UnboundedReceiver<String>);
-
-impl Logs {
-    fn capture() -> (impl for<'w> MakeWriter<'w> + Send + Sync + 'static, Logs) {
-        let (lines_tx, lines) = mpsc::unbounded_channel();
-        (move || LineWriter(lines_tx.clone()), Logs(lines))
-    }
-
-    /// Reads lines until one has this message; the lines are the test's readiness signals.
-    async fn wait_for(&mut self, message: &str) -> Value {
-        loop {
-            let next = within(&format!("a log line {message:?}"), self.0.recv()).await;
-            let line = next.expect("the server logged that line");
-            let line = parse_log_line(&line);
-            if line["message"] == message {
-                return line;
-            }
-        }
-    }
-
-    fn try_next(&mut self) -> Option<Value> {
-        self.0.try_recv().ok().map(|line| parse_log_line(&line))
-    }
-}
-
-fn parse_log_line(line: &str) -> Value {
-    let one_line = line.ends_with('\n') && line.matches('\n').count() == 1;
-    assert!(one_line, "not one line: {line:?}");
-    serde_json::from_str(line).unwrap_or_else(|err| panic!("not JSON ({err}): {line}"))
-}
-
-/// Sends each write of the logger (one whole line) to the test.
-struct LineWriter(mpsc::UnboundedSender<String>);
-
-impl io::Write for LineWriter {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let _ = self.0.send(String::from_utf8_lossy(buf).into_owned());
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-/// Fails the test when `future` takes longer than TIMEOUT.
-async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
-    let waited = tokio::time::timeout(TIMEOUT, future).await;
-    waited.unwrap_or_else(|_| panic!("waited more than {TIMEOUT:?} for {what}"))
-}
-
-/// One request on a new connection; the body comes back as text.
-async fn request(addr: SocketAddr, method: Method, path: &str) -> Response<String> {
-    send(&mut connect(addr).await, method, path).await
-}
-
-/// A GET with these headers on a new connection; the body comes back as text.
-async fn get_with(addr: SocketAddr, path: &str, headers: &[(&'static str, &[u8])]) -> Response<String> {
-    let mut req = empty_request(Method::GET, path);
-    for (name, value) in headers {
-        req.headers_mut().append(*name, HeaderValue::from_bytes(value).expect("a header value"));
-    }
-    let res = send_request(&mut connect(addr).await, req).await;
-    res.map(|body| String::from_utf8(body.to_vec()).expect("UTF-8 body"))
-}
-
 /// POST /resize with `image` as the body, on a new connection.
 async fn resize(addr: SocketAddr, query: &str, image: Vec<u8>) -> Response<Bytes> {
     let mut req = Request::new(Full::from(image));
@@ -934,81 +1006,6 @@ async fn resize(addr: SocketAddr, query: &str, image: Vec<u8>) -> Response<Bytes
     *req.uri_mut() = format!("/resize?{query}").parse().expect("query");
     req.headers_mut().insert(header::HOST, HeaderValue::from_static("test"));
     send_request(&mut connect(addr).await, req).await
-}
-
-async fn connect(addr: SocketAddr) -> client::SendRequest<Body> {
-    let stream = within("connect", TcpStream::connect(addr)).await.expect("connect");
-    let handshake = within("handshake", client::handshake(TokioIo::new(stream))).await;
-    let (sender, connection) = handshake.expect("handshake");
-    tokio::spawn(connection);
-    sender
-}
-
-async fn send(connection: &mut client::SendRequest<Body>, method: Method, path: &str) -> Response<String> {
-    let res = send_request(connection, empty_request(method, path)).await;
-    res.map(|body| String::from_utf8(body.to_vec()).expect("UTF-8 body"))
-}
-
-async fn send_request(connection: &mut client::SendRequest<Body>, req: Request<Body>) -> Response<Bytes> {
-    let res = within("a response", connection.send_request(req)).await.expect("response");
-    let (parts, body) = res.into_parts();
-    let body = within("the body", body.collect()).await.expect("body");
-    Response::from_parts(parts, body.to_bytes())
-}
-
-fn empty_request(method: Method, path: &str) -> Request<Body> {
-    let mut req = Request::new(Full::default());
-    *req.method_mut() = method;
-    *req.uri_mut() = path.parse().expect("path");
-    req.headers_mut().insert(header::HOST, HeaderValue::from_static("test"));
-    req
-}
-
-/// Methods by path, as openapi.yaml's `paths:` section lists them.
-fn documented_routes() -> BTreeMap<String, Vec<String>> {
-    let spec = include_str!("openapi.yaml");
-    let paths = spec.split("\npaths:\n").nth(1).expect("paths section");
-    let mut routes: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    let mut path = String::new();
-    for line in paths.lines().take_while(|line| line.is_empty() || line.starts_with(' ')) {
-        let indent = line.len() - line.trim_start().len();
-        match (indent, line.trim_start().strip_suffix(':')) {
-            (2, Some(key)) => path = key.to_owned(),
-            (4, Some(key)) if HTTP_METHODS.contains(&key) => {
-                routes.entry(path.clone()).or_default().push(key.to_uppercase())
-            }
-            _ => {}
-        }
-    }
-    routes
-}
-
-const HTTP_METHODS: [&str; 8] = ["get", "put", "post", "delete", "options", "head", "patch", "trace"];
-
-/// The path literals in `route`'s source.
-fn routed_paths() -> BTreeSet<&'static str> {
-    let source = include_str!("main.rs");
-    let route = source.split("\nasync fn route(").nth(1).expect("fn route");
-    let body = route.split("\n}\n").next().expect("end of fn route");
-    let literals = body.split('"').skip(1).step_by(2);
-    literals.filter(|literal| literal.starts_with('/')).collect()
-}
-
-/// A number and a unit Go's time.ParseDuration reads, as Rust's Duration Debug format writes them.
-fn is_go_duration(text: &str) -> bool {
-    let number = text.trim_end_matches(|c: char| c.is_alphabetic());
-    let unit = &text[number.len()..];
-    number.parse::<f64>().is_ok() && ["s", "ms", "µs", "ns"].contains(&unit)
-}
-
-/// `2026-11-26T21:55:00Z`: RFC 3339 in UTC, as build.rs writes commit times.
-fn is_rfc3339_utc(text: &str) -> bool {
-    let pattern = "0000-00-00T00:00:00Z";
-    text.len() == pattern.len()
-        && text
-            .chars()
-            .zip(pattern.chars())
-            .all(|(c, p)| matches!((c, p), ('0'..='9', '0')) || c == p && p != '0')
 }
 
 /// A JPEG whose left half is red and right half blue, with an optional EXIF segment.
