@@ -15,10 +15,10 @@ template:
 # names itself, carries no template syntax, has the same workflows, builds as the Dockerfile does,
 # passes its linters (its workflows and its manifest with its name) and its tests. It shares target/
 # and the linters, so only the crate is rebuilt.
-MAX_LINES := 499
+MAX_LINES := 500
 template-check: $(LINTERS) $(CARGO_DENY)
-	@lines=$$(wc -l < main.rs); if [ $$lines -gt $(MAX_LINES) ]; then \
-	  echo "main.rs has $$lines lines: the template keeps it under 500; make room for what you add"; exit 1; fi
+	@lines=$$(wc -l < main.rs); if [ $$lines -ge $(MAX_LINES) ]; then \
+	  echo "main.rs has $$lines lines: the template keeps it under $(MAX_LINES); make room for what you add"; exit 1; fi
 	command -v cargo-generate >/dev/null || cargo install --locked cargo-generate --version 0.23.14
 	for file in $(TWINS); do $(TWIN) $$file | cmp -s - $$file.liquid || \
 	  { echo "$$file.liquid is stale: run make template"; exit 1; }; done
