@@ -3,25 +3,32 @@
 //! The example endpoint, `POST /resize`, comes last, fenced so that it can be deleted in one cut.
 
 use std::time::{Duration, Instant};
-use std::{convert::Infallible, fmt::Display, io, net::IpAddr, ops::RangeInclusive, panic::AssertUnwindSafe};
+use std::{convert::Infallible, fmt, io, net::IpAddr, ops::RangeInclusive, panic::AssertUnwindSafe};
 use std::{pin::pin, process::ExitCode, str::FromStr, sync::Arc};
 
-use futures_util::FutureExt as _;
-use http_body_util::Full;
+use futures_util::{FutureExt as _, future::BoxFuture};
+use http_body_util::{BodyExt as _, Collected, Full, LengthLimitError, Limited};
 use hyper::body::{Body as _, Bytes, Incoming};
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode, server::conn::http1, service::service_fn};
 use hyper_util::{rt::TokioIo, rt::TokioTimer, server::graceful::GracefulShutdown};
 use tokio::net::TcpListener;
-use tracing::{Dispatch, error, info, instrument::WithSubscriber, warn};
-use tracing_subscriber::fmt::MakeWriter;
+use tracing::{Dispatch, Event, error, info, instrument::WithSubscriber, warn};
+use tracing_subscriber::fmt::format::{JsonFields, Writer};
+use tracing_subscriber::{Registry, fmt::FmtContext, fmt::FormatEvent, fmt::MakeWriter};
 
 type Body = Full<Bytes>;
+/// What a handler answers: a response, or a refusal that `recover` turns into its JSON error.
+type Answer = Result<Response<Body>, Refusal>;
 
 /// A client that has not sent a whole request head by then is disconnected (Go's ReadHeaderTimeout).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long requests in flight at shutdown may take to finish before their connections are closed.
 const GRACE_PERIOD: Duration = Duration::from_secs(10);
+/// The largest body `read_body` reads: an announced longer one is refused unread (413), as is one that runs over.
+const MAX_BODY_BYTES: usize = 20 << 20;
+/// A body that comes slower than this is refused (408) instead of holding its memory and its handler.
+const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// A constant, so the name is not parsed again for every request.
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -79,21 +86,23 @@ struct State {
     resize: ResizeEndpoint,
 }
 
-/// The one list of endpoints (a test checks openapi.yaml against it); GET answers HEAD, as in Go.
-async fn route(req: Request<Incoming>, state: &State) -> Response<Body> {
+/// The one list of endpoints (a test checks openapi.yaml against it); GET answers HEAD, as in Go. Each
+/// arm names the route's pattern, the access line's bounded `route`, before its handler runs.
+fn route(req: Request<Incoming>, state: &State) -> (&'static str, BoxFuture<'_, Answer>) {
     let get = req.method() == Method::GET || req.method() == Method::HEAD;
     match req.uri().path() {
-        "/health" if get => handle_health(state),
-        "/openapi.yaml" if get => handle_openapi(),
-        "/resize" if req.method() == Method::POST => state.resize.handle(req).await,
-        "/health" | "/openapi.yaml" => method_not_allowed("GET, HEAD"),
-        "/resize" => method_not_allowed("POST"),
-        _ => not_found(),
+        "/health" if get => ("/health", handle_health(state).boxed()),
+        "/health" => ("/health", method_not_allowed("GET, HEAD").boxed()),
+        "/openapi.yaml" if get => ("/openapi.yaml", handle_openapi().boxed()),
+        "/openapi.yaml" => ("/openapi.yaml", method_not_allowed("GET, HEAD").boxed()),
+        "/resize" if req.method() == Method::POST => ("/resize", state.resize.handle(req).boxed()),
+        "/resize" => ("/resize", method_not_allowed("POST").boxed()),
+        _ => ("unmatched", async { Err(Refusal(StatusCode::NOT_FOUND, "not found".into())) }.boxed()),
     }
 }
 
 /// The build and the uptime ("3723.456s", which Go's time.ParseDuration reads), no map per probe.
-fn handle_health(state: &State) -> Response<Body> {
+async fn handle_health(state: &State) -> Answer {
     #[derive(serde::Serialize)]
     struct Health<'a> {
         status: &'static str,
@@ -103,7 +112,7 @@ fn handle_health(state: &State) -> Response<Body> {
     }
     let uptime = format!("{:.3?}", state.started.elapsed());
     let health = Health { status: "pass", uptime, build: &state.build };
-    response(StatusCode::OK, "application/json", serde_json::to_vec(&health).expect("strings and a bool"))
+    Ok(response(StatusCode::OK, "application/json", serde_json::to_vec(&health).expect("strings and a bool")))
 }
 
 /// openapi.yaml, compiled in. The folder is the file: the root would have rust-embed walk target/.
@@ -112,26 +121,35 @@ fn handle_health(state: &State) -> Response<Body> {
 #[prefix = "openapi.yaml"]
 struct OpenApiFile;
 
-fn handle_openapi() -> Response<Body> {
+async fn handle_openapi() -> Answer {
     let file = OpenApiFile::get("openapi.yaml").expect("openapi.yaml is embedded at build time");
-    response(StatusCode::OK, "application/yaml", file.data.into_owned())
+    Ok(response(StatusCode::OK, "application/yaml", file.data.into_owned()))
 }
 
-/// Middleware: gives the request its id (see `request_id`), echoed in `x-request-id`, and writes
-/// its canonical log line, from which Fluent Bit derives the metrics; `recover` runs inside it.
-async fn observe<F: Future<Output = Response<Body>>>(
-    req: Request<Incoming>, peer: IpAddr, handler: impl FnOnce(Request<Incoming>) -> F,
+/// 405 with the `Allow` header that RFC 9110 requires.
+async fn method_not_allowed(allow: &'static str) -> Answer {
+    let mut res = error_response(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
+    res.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
+    Ok(res)
+}
+
+/// Middleware: the request's id (see `request_id`), on every line logged for it and in `x-request-id`,
+/// and its canonical log line, from which Fluent Bit derives the metrics; `recover` runs inside it.
+async fn observe<'a>(
+    req: Request<Incoming>, peer: IpAddr,
+    route: impl FnOnce(Request<Incoming>) -> (&'static str, BoxFuture<'a, Answer>),
 ) -> Result<Response<Body>, Infallible> {
     let start = Instant::now();
     let id = request_id(req.headers());
     let method = req.method().clone();
     let uri = req.uri().clone();
-    let mut res = recover(handler(req)).await;
+    let (route, handler) = route(req);
+    let mut res = REQUEST_ID.scope(Some(id.clone()), recover(handler)).await;
     let latency = start.elapsed();
     info!(
-        request_id = id.to_str().unwrap_or_default(),
+        request_id = id.to_str().unwrap_or_default(), // after the scope: the id is this line's own field
         method = method.as_str(),
-        route = if res.extensions().get::<Unmatched>().is_some() { "unmatched" } else { uri.path() },
+        route,
         path = uri.path(),
         query = uri.query().unwrap_or_default(),
         ip = %peer,
@@ -145,6 +163,11 @@ async fn observe<F: Future<Output = Response<Body>>>(
     Ok(res)
 }
 
+tokio::task_local! {
+    /// The id of the request being served, which `JsonLine` puts on each line logged for it.
+    static REQUEST_ID: Option<HeaderValue>;
+}
+
 /// The client's `x-request-id` when it is 1 to 128 visible ASCII characters, else 32 random hex digits.
 fn request_id(headers: &HeaderMap) -> HeaderValue {
     let visible =
@@ -154,11 +177,14 @@ fn request_id(headers: &HeaderMap) -> HeaderValue {
     })
 }
 
-/// Middleware: a panic becomes a 500 that reveals nothing (the panic hook logs it), and the
-/// connection keeps serving.
-async fn recover(handler: impl Future<Output = Response<Body>>) -> Response<Body> {
-    let caught = AssertUnwindSafe(handler).catch_unwind().await;
-    caught.unwrap_or_else(|_| error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal server error"))
+/// Middleware: a refusal becomes its JSON error, and a panic a 500 that reveals nothing (the panic
+/// hook logs it), so the connection keeps serving.
+async fn recover(handler: impl Future<Output = Answer>) -> Response<Body> {
+    match AssertUnwindSafe(handler).catch_unwind().await {
+        Ok(Ok(res)) => res,
+        Ok(Err(Refusal(status, message))) => error_response(status, &message),
+        Err(_panic) => error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal server error"),
+    }
 }
 
 /// Serves HTTP/1.1 until `shutdown` resolves, then lets requests in flight finish for GRACE_PERIOD;
@@ -197,11 +223,24 @@ async fn serve<F: Future<Output = Result<Response<Body>, Infallible>> + Send + '
     }
 }
 
-/// JSON lines for a log collector: one object per line, an RFC 3339 UTC `timestamp` and the event's
-/// fields at the top level.
+/// JSON lines for a log collector: one object per line, an RFC 3339 UTC `timestamp`, the event's
+/// fields at the top level and, on the lines of a request, its `request_id`.
 fn json_logs(writer: impl for<'w> MakeWriter<'w> + Send + Sync + 'static) -> Dispatch {
-    let logs = tracing_subscriber::fmt().json().flatten_event(true).with_target(false);
-    Dispatch::new(logs.with_current_span(false).with_span_list(false).with_writer(writer).finish())
+    let logs = tracing_subscriber::fmt().fmt_fields(JsonFields::new()).with_writer(writer);
+    Dispatch::new(logs.event_format(json_line as fn(&FmtContext<_, _>, Writer, &Event) -> _).finish())
+}
+
+/// tracing-subscriber's JSON line (a `fn` is a `FormatEvent`), led by `request_id` while a request is
+/// served: a span would nest the id under `span`, and cost a quarter more instructions per request.
+fn json_line(ctx: &FmtContext<Registry, JsonFields>, mut line: Writer, event: &Event) -> fmt::Result {
+    let json = tracing_subscriber::fmt::format().json().flatten_event(true).with_target(false);
+    let Some(id) = REQUEST_ID.try_with(Option::clone).ok().flatten() else {
+        return json.format_event(ctx, line, event);
+    };
+    let mut fields = String::new();
+    json.format_event(ctx, Writer::new(&mut fields), event)?;
+    let fields = fields.strip_prefix('{').unwrap_or(&fields);
+    write!(line, "{{\"request_id\":{},{fields}", serde_json::json!(id.to_str().unwrap_or_default()))
 }
 
 /// Logs panics as JSON lines with their message and location; outside `run`, the default hook prints them.
@@ -226,7 +265,7 @@ async fn shutdown_signal() -> &'static str {
 }
 
 /// A number within `range`, or an error that names the setting or parameter and the range.
-fn parse_in_range<T: FromStr + PartialOrd + Display>(
+fn parse_in_range<T: FromStr + PartialOrd + fmt::Display>(
     name: &str, value: &str, range: RangeInclusive<T>,
 ) -> Result<T, String> {
     let number = value.parse().ok().filter(|number| range.contains(number));
@@ -234,114 +273,8 @@ fn parse_in_range<T: FromStr + PartialOrd + Display>(
     number.ok_or_else(|| format!("invalid {name} {value:?}: must be between {min} and {max}"))
 }
 
-/// The one error shape of the service: `{"error": "..."}`.
-fn error_response(status: StatusCode, message: &str) -> Response<Body> {
-    response(status, "application/json", serde_json::json!({ "error": message }).to_string())
-}
-
-/// 405 with the `Allow` header that RFC 9110 requires.
-fn method_not_allowed(allow: &'static str) -> Response<Body> {
-    let mut res = error_response(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
-    res.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
-    res
-}
-
-/// 404, marked so that the access line's `route` is `unmatched`, not the path: a bounded metric label.
-fn not_found() -> Response<Body> {
-    let mut res = error_response(StatusCode::NOT_FOUND, "not found");
-    res.extensions_mut().insert(Unmatched);
-    res
-}
-
-#[derive(Clone)]
-struct Unmatched;
-
-fn response(status: StatusCode, mime: &'static str, body: impl Into<Bytes>) -> Response<Body> {
-    let mut res = Response::new(Full::new(body.into()));
-    *res.status_mut() = status;
-    res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(mime));
-    res
-}
-
-// ===== The example endpoint, POST /resize, to the end marker. To remove it, delete this section, its
-// two lines in `route`, its field in `State` and its line in `run`, and its crates.
-
-use http_body_util::{BodyExt, Collected, LengthLimitError, Limited};
-use image::ImageFormat::{self, Jpeg, Png};
-use image::codecs::png::{CompressionType::Fast, FilterType::Adaptive, PngEncoder};
-use image::{DynamicImage, GrayImage, ImageDecoder, ImageReader, RgbImage, metadata::Orientation};
-use rusty_jpeg::{decode::PixelFormat, encode::ColorType};
-use tokio::sync::Semaphore;
-
-/// The largest body read: an announced longer one is refused unread (413), and so is one that runs over.
-const MAX_BODY_BYTES: usize = 20 << 20;
-/// The most pixels (width × height) an image may have, read from its header before any pixel buffer.
-const MAX_PIXELS: u64 = 50_000_000;
-/// An upload slower than this is refused (408) instead of holding its place in the queue.
-const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
-/// The largest width or height produced, and what a side left out of the query means.
-const MAX_SIDE: u32 = 10_000;
-/// Each scan of a progressive JPEG is a pass over every block; encoders write about 10.
-const MAX_JPEG_SCANS: u64 = 100;
-/// The pixels of all a JPEG's scans together: a 50-megapixel photo may have 12, a 12-megapixel one 50.
-const MAX_SCANNED_PIXELS: u64 = 600_000_000;
-/// Resize requests admitted per core, working or waiting for a core; past them, 503.
-const QUEUE_PER_CORE: usize = 8;
-
-/// POST /resize: its queue and its workers.
-struct ResizeEndpoint {
-    queue: Semaphore, // a place per request admitted: it bounds the memory their bodies hold
-    workers: Arc<Semaphore>, // a permit per core, for the image being decoded, resized and encoded
-}
-
-impl ResizeEndpoint {
-    fn new() -> ResizeEndpoint {
-        // glibc's malloc would give each image's buffers back to the kernel, then fault them in again.
-        #[cfg(target_env = "gnu")] // SAFETY: mallopt only sets two thresholds; any value is allowed.
-        unsafe {
-            libc::mallopt(libc::M_MMAP_THRESHOLD, 16 << 20);
-            libc::mallopt(libc::M_TRIM_THRESHOLD, 32 << 20);
-        }
-        let cores = std::thread::available_parallelism().map_or(1, usize::from);
-        let queue = Semaphore::new(cores * QUEUE_PER_CORE);
-        ResizeEndpoint { queue, workers: Arc::new(Semaphore::new(cores)) }
-    }
-
-    /// Resizes the image in the body to fit inside `width`×`height`; openapi.yaml has the details.
-    async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
-        let Ok(_place) = self.queue.try_acquire() else {
-            let mut res = error_response(StatusCode::SERVICE_UNAVAILABLE, "too many images in flight");
-            res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-            return res;
-        };
-        self.resize(req).await.unwrap_or_else(|Refusal(status, message)| error_response(status, &message))
-    }
-
-    async fn resize(&self, req: Request<Incoming>) -> Result<Response<Body>, Refusal> {
-        // A bad query is refused once the body is read: a client still sending reads the 400, not a reset.
-        let job = ResizeJob::parse(req.uri().query().unwrap_or_default());
-        let body = read_body(req).await?;
-        let job = job.map_err(|message| Refusal(StatusCode::BAD_REQUEST, message))?;
-        let working = self.workers.clone().acquire_owned().await.expect("the semaphore is never closed");
-        // The permit goes with the job: an image keeps its core until it is done, even if its client left.
-        let resized = in_blocking_thread(move || {
-            let _working = working;
-            job.process(&body)
-        });
-        let (image, format) = resized.await?;
-        Ok(response(StatusCode::OK, format.to_mime_type(), image))
-    }
-}
-
-/// Runs CPU-bound work on tokio's blocking pool with the request's logger, so that a panic there is
-/// a JSON line too, and goes on to `recover` (500).
-async fn in_blocking_thread<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> T {
-    let logs = tracing::dispatcher::get_default(Dispatch::clone);
-    let job = tokio::task::spawn_blocking(move || tracing::dispatcher::with_default(&logs, work));
-    job.await.unwrap_or_else(|err| std::panic::resume_unwind(err.into_panic()))
-}
-
-/// The whole body: 413 past MAX_BODY_BYTES, announced or counted, and 408 when it comes too slowly.
+/// The whole body, for any handler: 413 past MAX_BODY_BYTES, announced or counted, 408 when it comes
+/// too slowly, 400 when empty.
 async fn read_body(req: Request<Incoming>) -> Result<Bytes, Refusal> {
     let too_large =
         Refusal(StatusCode::PAYLOAD_TOO_LARGE, format!("body over the limit of {MAX_BODY_BYTES} bytes"));
@@ -359,8 +292,75 @@ async fn read_body(req: Request<Incoming>) -> Result<Bytes, Refusal> {
     }
 }
 
-/// A request refused: its status and what the client reads.
+/// A request refused: its status and the message the client reads as `{"error": message}`.
 struct Refusal(StatusCode, String);
+
+/// The one error shape of the service: `{"error": "..."}`.
+fn error_response(status: StatusCode, message: &str) -> Response<Body> {
+    response(status, "application/json", serde_json::json!({ "error": message }).to_string())
+}
+
+fn response(status: StatusCode, mime: &'static str, body: impl Into<Bytes>) -> Response<Body> {
+    let res = Response::builder().status(status).header(header::CONTENT_TYPE, HeaderValue::from_static(mime));
+    res.body(Full::new(body.into())).expect("a status and a header that are valid already")
+}
+
+// ===== The example endpoint, POST /resize, to the end marker. To remove it, delete this section, its
+// two lines in `route`, its field in `State` and its line in `run`, and its crates.
+
+use image::ImageFormat::{self, Jpeg, Png};
+use image::codecs::png::{CompressionType::Fast, FilterType::Adaptive, PngEncoder};
+use image::{DynamicImage, GrayImage, ImageDecoder, ImageReader, RgbImage, metadata::Orientation};
+use rusty_jpeg::{decode::PixelFormat, encode::ColorType};
+use tokio::sync::Semaphore;
+
+/// The most pixels (width × height) an image may have, read from its header before any pixel buffer.
+const MAX_PIXELS: u64 = 50_000_000;
+/// The largest width or height produced, and what a side left out of the query means.
+const MAX_SIDE: u32 = 10_000;
+/// Each scan of a progressive JPEG is a pass over every block; encoders write about 10.
+const MAX_JPEG_SCANS: u64 = 100;
+/// The pixels of all a JPEG's scans together: a 50-megapixel photo may have 12, a 12-megapixel one 50.
+const MAX_SCANNED_PIXELS: u64 = 600_000_000;
+/// Resize requests admitted per core, working or waiting for a core; past them, 503.
+const QUEUE_PER_CORE: usize = 8;
+
+/// POST /resize: its queue and its workers.
+struct ResizeEndpoint {
+    queue: Semaphore,   // a place per request admitted: it bounds the memory their bodies hold
+    workers: Semaphore, // a permit per core, for the image being decoded, resized and encoded
+}
+
+impl ResizeEndpoint {
+    fn new() -> ResizeEndpoint {
+        // glibc's malloc would give each image's buffers back to the kernel, then fault them in again.
+        #[cfg(target_env = "gnu")] // SAFETY: mallopt only sets two thresholds; any value is allowed.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 16 << 20);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, 32 << 20);
+        }
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        let queue = Semaphore::new(cores * QUEUE_PER_CORE);
+        ResizeEndpoint { queue, workers: Semaphore::new(cores) }
+    }
+
+    /// Resizes the image in the body to fit inside `width`×`height`; openapi.yaml has the details.
+    async fn handle(&self, req: Request<Incoming>) -> Answer {
+        let Ok(_place) = self.queue.try_acquire() else {
+            let mut res = error_response(StatusCode::SERVICE_UNAVAILABLE, "too many images in flight");
+            res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            return Ok(res);
+        };
+        // A bad query is refused once the body is read: a client still sending reads the 400, not a reset.
+        let job = ResizeJob::parse(req.uri().query().unwrap_or_default());
+        let body = read_body(req).await?;
+        let job = job.map_err(|message| Refusal(StatusCode::BAD_REQUEST, message))?;
+        let _working = self.workers.acquire().await.expect("the semaphore is never closed");
+        // CPU work: tokio moves this thread's other tasks away, and the request's logs and id stay.
+        let (image, format) = tokio::task::block_in_place(|| job.process(&body))?;
+        Ok(response(StatusCode::OK, format.to_mime_type(), image))
+    }
+}
 
 /// The box a POST /resize asks the image to fit in.
 struct ResizeJob {
