@@ -31,21 +31,11 @@ template-check: $(LINTERS) $(CARGO_DENY)
 	diff -r $(CURDIR)/.github .github && \
 	CARGO_TARGET_DIR=$(CURDIR)/target $(MAKE) LINT_TOOLS=$(CURDIR)/$(LINT_TOOLS) lint install DEST="$$work/service" test
 
-# The load harness and reference servers (sharp, Pillow, kickstart.go) kept beside the repository.
-BENCH ?= ../shared/bench
-
-# The release build next to sharp (/resize) and, with KICKSTART_GO_BIN set, kickstart.go (/health):
-# 3 interleaved rounds, medians and ratios. Not run by CI: the figures depend on the machine.
+# The benchmark of bench/ (its header says what it measures), on the release build: not run by CI,
+# as the figures depend on the machine. BASELINE: binaries to count instructions of alongside, such
+# as a copy of the build from before a change.
 bench: build
-	$(BENCH)/setup-peers.sh
-	$(RELEASE_BIN) >/dev/null & server=$$!; trap "kill $$server" EXIT; \
-	until curl -sf localhost:$(PORT)/health >/dev/null; do sleep 0.1; done; \
-	for case in "photo-4000x3000.jpg 800 800" "photo-1920x1080.jpg 400 400" "photo-alpha-1500x1000.png 400 400"; do \
-	  ROUNDS=3 $(BENCH)/peers.sh -- $(BENCH)/resize-bench.sh \
-	    "$(BIN)=http://127.0.0.1:$(PORT),sharp=http://127.0.0.1:18081" $(BENCH)/../testdata/$$case || exit 1; \
-	done; \
-	if [ -n "$$KICKSTART_GO_BIN" ]; then go=",go=http://127.0.0.1:18080" peers=--with-kickstart; fi; \
-	ROUNDS=3 $(BENCH)/peers.sh --only-extra $$peers -- $(BENCH)/health-bench.sh "$(BIN)=http://127.0.0.1:$(PORT)$$go"
+	bench/bench.sh all $(RELEASE_BIN) $(BASELINE)
 
 # The CPU time the server spends per GET /health at 64 connections (user + system, from /proc),
 # steadier than req/s on shared cores: the release build next to the binaries in BASELINE,
@@ -63,18 +53,8 @@ bench-cpu: build
 	    'BEGIN {printf "round %d %s: %.1f us a request\n", round, exe, ticks * 1e6 / hz / requests}'; \
 	done; done
 
-# The instructions the server spends per keep-alive GET /health, counted by valgrind's callgrind
-# over REQUESTS requests less an idle run, for the release build and each binary in BASELINE:
-# exact and repeatable, where CPU time on shared cores moves by a fifth between rounds.
+# The instructions per keep-alive GET /health under callgrind, for the release build, the floor and
+# each binary in BASELINE: exact and repeatable, where CPU time on shared cores moves by a fifth.
 REQUESTS ?= 2000
 bench-instructions: build
-	@port=18250; for bin in $(RELEASE_BIN) $(BASELINE); do port=$$((port + 1)); \
-	  urls=$$(mktemp); for _ in $$(seq $(REQUESTS)); do \
-	    printf 'url = "http://127.0.0.1:%s/health"\noutput = "/dev/null"\n' $$port; done >$$urls; \
-	  for requests in 0 $(REQUESTS); do out=$$(mktemp); \
-	    PORT=$$port valgrind --tool=callgrind --callgrind-out-file=$$out $$bin >/dev/null 2>&1 & pid=$$!; \
-	    until curl -sf -o /dev/null localhost:$$port/health; do sleep 0.2; done; \
-	    if [ $$requests -gt 0 ]; then curl -s -K $$urls; fi; kill -INT $$pid; wait $$pid; \
-	    eval "ir_$$requests=$$(awk '/^summary:/ {print $$2}' $$out)"; rm -f $$out; done; rm -f $$urls; \
-	  echo "$$(readlink -f $$bin): $$(( (ir_$(REQUESTS) - ir_0) / $(REQUESTS) )) instructions a GET /health"; \
-	done
+	REQUESTS=$(REQUESTS) bench/bench.sh instructions $(RELEASE_BIN) $(BASELINE)
