@@ -334,13 +334,14 @@ struct ResizeEndpoint {
 
 impl ResizeEndpoint {
     fn new() -> ResizeEndpoint {
-        // glibc's malloc would give each image's buffers back to the kernel, then fault them in again.
-        #[cfg(target_env = "gnu")] // SAFETY: mallopt only sets two thresholds; any value is allowed.
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        // glibc's malloc: keep freed image buffers, not fault them in again, in an arena per core at most.
+        #[cfg(target_env = "gnu")] // SAFETY: mallopt only sets limits; any value is allowed.
         unsafe {
             libc::mallopt(libc::M_MMAP_THRESHOLD, 16 << 20);
             libc::mallopt(libc::M_TRIM_THRESHOLD, 32 << 20);
+            libc::mallopt(libc::M_ARENA_MAX, cores as i32);
         }
-        let cores = std::thread::available_parallelism().map_or(1, usize::from);
         let queue = Semaphore::new(cores * QUEUE_PER_CORE);
         ResizeEndpoint { queue, workers: Semaphore::new(cores) }
     }
