@@ -25,7 +25,7 @@ type Answer = Result<Response<Body>, Refusal>;
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long requests in flight at shutdown may take to finish before their connections are closed.
 const GRACE_PERIOD: Duration = Duration::from_secs(10);
-/// The largest body `read_body` reads: an announced longer one is refused unread (413), as is one that runs over.
+/// The largest body `read_body` reads: a longer one is refused (413), unread when its length is announced.
 const MAX_BODY_BYTES: usize = 20 << 20;
 /// A body that comes slower than this is refused (408) instead of holding its memory and its handler.
 const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -144,7 +144,7 @@ async fn observe<'a>(
     let method = req.method().clone();
     let uri = req.uri().clone();
     let (route, handler) = route(req);
-    let mut res = REQUEST_ID.scope(Some(id.clone()), recover(handler)).await;
+    let mut res = REQUEST_ID.scope(id.clone(), recover(handler)).await;
     let latency = start.elapsed();
     info!(
         request_id = id.to_str().unwrap_or_default(), // after the scope: the id is this line's own field
@@ -164,8 +164,8 @@ async fn observe<'a>(
 }
 
 tokio::task_local! {
-    /// The id of the request being served, which `JsonLine` puts on each line logged for it.
-    static REQUEST_ID: Option<HeaderValue>;
+    /// The id of the request being served, which `json_line` puts on each line logged for it.
+    static REQUEST_ID: HeaderValue;
 }
 
 /// The client's `x-request-id` when it is 1 to 128 visible ASCII characters, else 32 random hex digits.
@@ -234,7 +234,7 @@ fn json_logs(writer: impl for<'w> MakeWriter<'w> + Send + Sync + 'static) -> Dis
 /// served: a span would nest the id under `span`, and cost a quarter more instructions per request.
 fn json_line(ctx: &FmtContext<Registry, JsonFields>, mut line: Writer, event: &Event) -> fmt::Result {
     let json = tracing_subscriber::fmt::format().json().flatten_event(true).with_target(false);
-    let Some(id) = REQUEST_ID.try_with(Option::clone).ok().flatten() else {
+    let Ok(id) = REQUEST_ID.try_with(HeaderValue::clone) else {
         return json.format_event(ctx, line, event);
     };
     let mut fields = String::new();
