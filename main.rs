@@ -231,7 +231,7 @@ fn json_logs(writer: impl for<'w> MakeWriter<'w> + Send + Sync + 'static) -> Dis
 }
 
 /// tracing-subscriber's JSON line (a `fn` is a `FormatEvent`), led by `request_id` while a request is
-/// served: a span would nest the id under `span`, and cost a quarter more instructions per request.
+/// served: a span would nest the id under `span`, and json-subscriber, which flattens, cost 18% more.
 fn json_line(ctx: &FmtContext<Registry, JsonFields>, mut line: Writer, event: &Event) -> fmt::Result {
     let json = tracing_subscriber::fmt::format().json().flatten_event(true).with_target(false);
     let Ok(id) = REQUEST_ID.try_with(HeaderValue::clone) else {
